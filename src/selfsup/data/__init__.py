@@ -1,0 +1,10 @@
+"""Datasets: detect a data path's format, decode it once into a memory-mapped uint8 cache.
+
+Use :func:`load_images` (``spec`` is a path or one of :data:`DATASET_NAMES`); see
+:mod:`selfsup.data.sources` for the supported formats and the colour/resize policy and
+:mod:`selfsup.data.cache` for the cache layout.
+"""
+from .cache import CachedImages, default_cache_dir, load_images
+from .sources import DATASET_NAMES, DataError, Source, open_source
+
+__all__ = ["CachedImages", "DATASET_NAMES", "DataError", "Source", "default_cache_dir", "load_images", "open_source"]

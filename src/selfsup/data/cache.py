@@ -1,0 +1,185 @@
+"""Decode cache: every dataset split is decoded once into a uint8 file and memory-mapped afterwards.
+
+:func:`load_images` opens a source (:func:`selfsup.data.sources.open_source`), and looks
+in the cache folder (``cache_dir`` argument, else ``$SELFSUP_CACHE``, else
+``~/.cache/selfsup/cache``) for two files named after the cache key:
+
+* ``<key>.u8``: the images, raw uint8, shape ``(N, S, S, 3)`` (NHWC, C-contiguous);
+* ``<key>.json``: ``format``, ``n``, ``image_size``, ``labels``, ``classes``, ``files``,
+  ``skipped`` (``[path, reason]`` pairs), ``source`` and ``created``.
+
+The key is ``<identity>-<content>``: ``identity`` hashes :data:`FORMAT_VERSION`, the
+source kind, its absolute path, the split and the image size; ``content`` hashes those
+and the source fingerprint (file names, sizes and modification times). Adding, removing
+or modifying a file therefore changes the key and the split is decoded again; after a
+rebuild the older entries with the same identity are deleted.
+
+A build streams the decoded images straight into a memmap of the final size (memory does
+not grow with the dataset); images that fail to decode are left out, the file is
+truncated to the images kept, and the failures are listed in ``skipped``. Files are
+written under temporary names in the cache folder and renamed into place, the ``.u8``
+first and the ``.json`` last: an entry exists only once its ``.json`` does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import numbers
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from .sources import DataError, Source, open_source
+
+logger = logging.getLogger("selfsup.data")
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CachedImages:
+    """A decoded dataset split.
+
+    ``images`` is uint8 ``(N, S, S, 3)`` (a read-only ``np.memmap`` on the cache file, or an
+    in-memory array after :meth:`subset`), ``labels`` int64 ``(N,)`` (-1 where unlabeled),
+    ``classes`` the class names (index = label, ``[]`` if unlabeled), ``files`` one
+    identifier per image, ``skipped`` the ``(path, reason)`` of inputs that could not be
+    decoded and ``source`` a description of where the images came from.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    files: list[str]
+    skipped: list[tuple[str, str]]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, idx: np.ndarray) -> "CachedImages":
+        """The images at ``idx`` (integer indices or a boolean mask); ``images`` becomes an in-memory array."""
+        idx = np.asarray(idx)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        return dataclasses.replace(self, images=np.asarray(self.images[idx]), labels=self.labels[idx],
+                                   files=[self.files[i] for i in idx])
+
+
+def default_cache_dir() -> str:
+    """``$SELFSUP_CACHE`` if set, else ``~/.cache/selfsup/cache``."""
+    return os.environ.get("SELFSUP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "selfsup", "cache")
+
+
+def cache_key(source: Source, image_size: int) -> str:
+    """File stem of the cache entry for ``source`` decoded at ``image_size`` (see the module docstring)."""
+    identity = json.dumps([FORMAT_VERSION, source.kind, source.path, source.split, image_size])
+    content = hashlib.sha256(f"{identity}\0{source.fingerprint()}".encode("utf-8", "surrogateescape"))
+    return f"{hashlib.sha256(identity.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}-{content.hexdigest()[:32]}"
+
+
+def _read_entry(base: str, image_size: int) -> CachedImages | None:
+    """Open the cache entry at ``base`` (path without extension), or None if it is missing or inconsistent."""
+    try:
+        with open(base + ".json", encoding="utf-8") as f:
+            meta = json.load(f)
+        n, size = meta["n"], meta["image_size"]
+        valid = (meta["format"] == FORMAT_VERSION and size == image_size and len(meta["labels"]) == n
+                 and len(meta["files"]) == n and n > 0 and os.path.getsize(base + ".u8") == n * size * size * 3)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not valid:
+        return None
+    images = np.memmap(base + ".u8", dtype=np.uint8, mode="r", shape=(n, size, size, 3))
+    return CachedImages(images=images, labels=np.asarray(meta["labels"], dtype=np.int64), classes=list(meta["classes"]),
+                        files=list(meta["files"]), skipped=[(p, r) for p, r in meta["skipped"]], source=meta["source"])
+
+
+def _build_entry(source: Source, image_size: int, base: str, progress: bool) -> None:
+    """Decode ``source`` into the cache entry at ``base``, atomically."""
+    total = len(source)
+    if total == 0:
+        raise DataError(f"{source.describe()} holds no images")
+    tmp = f"{os.path.dirname(base)}{os.sep}.{os.path.basename(base)}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp_u8, tmp_json = tmp + ".u8.tmp", tmp + ".json.tmp"
+    try:
+        images = np.memmap(tmp_u8, dtype=np.uint8, mode="w+", shape=(total, image_size, image_size, 3))
+        labels, files, skipped = [], [], []
+        items = tqdm(source.iter_images(image_size), total=total, desc=f"decoding {total} images into cache",
+                     unit="img", disable=not progress)
+        for item in items:
+            if item.error is not None:
+                skipped.append((item.file, item.error))
+                continue
+            images[len(labels)] = item.image
+            labels.append(item.label)
+            files.append(item.file)
+        images.flush()
+        del images
+        if not labels:
+            reasons = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
+            raise DataError(f"none of the {total} images of {source.describe()} could be decoded ({reasons})")
+        if len(labels) < total:
+            os.truncate(tmp_u8, len(labels) * image_size * image_size * 3)
+        meta = {"format": FORMAT_VERSION, "n": len(labels), "image_size": image_size, "labels": labels,
+                "classes": source.classes, "files": files, "skipped": skipped, "source": source.describe(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        with open(tmp_json, "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+        os.replace(tmp_u8, base + ".u8")
+        os.replace(tmp_json, base + ".json")  # commit marker: written last
+    finally:
+        for path in (tmp_u8, tmp_json):
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def _remove_stale(cache_dir: str, key: str) -> None:
+    """Delete older entries of the same source/split/size (same identity, different content)."""
+    identity = key.split("-", 1)[0] + "-"
+    stale = [n for n in os.listdir(cache_dir) if n.startswith(identity) and not n.startswith(key)]
+    for name in sorted(stale, key=lambda n: not n.endswith(".json")):  # un-commit (.json) before deleting data
+        try:
+            os.remove(os.path.join(cache_dir, name))
+        except OSError as exc:  # e.g. still open by another process on Windows
+            logger.debug("could not remove stale cache file %s: %s", name, exc)
+
+
+def load_images(spec: str, split: str = "train", image_size: int = 32, cache_dir: str | None = None,
+                download: bool = False, progress: bool = True) -> CachedImages:
+    """Load a dataset split as uint8 ``(N, image_size, image_size, 3)`` images, decoding it once into the cache.
+
+    ``spec`` is a path or a dataset name (see :mod:`selfsup.data.sources`). Raises
+    :class:`DataError` before any decoding for a missing path, a folder without images,
+    an unknown dataset name or an unavailable split.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    image_size = int(image_size)
+    source = open_source(spec, split, download=download)
+    cache_dir = os.path.abspath(cache_dir or default_cache_dir())
+    os.makedirs(cache_dir, exist_ok=True)
+    key = cache_key(source, image_size)
+    base = os.path.join(cache_dir, key)
+    data = _read_entry(base, image_size)
+    if data is None:
+        _build_entry(source, image_size, base, progress)
+        _remove_stale(cache_dir, key)
+        data = _read_entry(base, image_size)
+        if data is None:
+            raise DataError(f"the cache entry {base}.json written for {source.describe()} cannot be read back")
+        logger.info("decoded %d images of %s into %s.u8", len(data), data.source, base)
+    if data.skipped:
+        logger.warning("skipped %d of %d files that could not be decoded (listed in %s.json)",
+                       len(data.skipped), len(data) + len(data.skipped), base)
+    return data
