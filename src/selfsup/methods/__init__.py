@@ -1,0 +1,20 @@
+"""All methods, one file each. This table is the only registry: a method lives where it is imported."""
+
+from __future__ import annotations
+
+from .base import Method
+from .rotation import Rotation
+from .simclr import SimCLR
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Rotation, SimCLR)}
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        from ..config import ConfigError
+
+        raise ConfigError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "Method", "get_method"]

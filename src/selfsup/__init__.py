@@ -1,0 +1,32 @@
+"""selfsup: self-supervised visual representation learning, classic pretext tasks and modern methods
+under one evaluation protocol."""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: `import selfsup` stays cheap, the API is one attribute away
+    if name in ("pretrain", "Trainer"):
+        from . import train
+
+        return getattr(train, name)
+    if name in ("build_config", "load_config", "Config"):
+        from . import config
+
+        return getattr(config, name)
+    if name in ("evaluate", "load_encoder", "extract_features"):
+        from . import evaluate as ev
+
+        return getattr(ev, name)
+    if name in ("load_images",):
+        from . import data
+
+        return data.load_images
+    if name == "METHODS":
+        from .methods import METHODS
+
+        return METHODS
+    raise AttributeError(f"module 'selfsup' has no attribute '{name}'")
+
+
+__all__ = ["__version__", "pretrain", "Trainer", "build_config", "load_config", "Config", "evaluate",
+           "load_encoder", "extract_features", "load_images", "METHODS"]

@@ -1,0 +1,158 @@
+"""Command line: ``selfsup {pretrain,evaluate,demo,methods}``. Thin: parses arguments, calls the API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError, build_config, parse_overrides
+from .data import DATASET_NAMES, DataError
+
+log = logging.getLogger("selfsup")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .evaluate import PROTOCOLS
+    from .methods import METHODS
+
+    p = argparse.ArgumentParser(prog="selfsup", description="Self-supervised visual representation learning: "
+                                "pretrain a backbone on unlabeled images, evaluate it on labeled ones.")
+    p.add_argument("--version", action="version", version=f"selfsup {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pt = sub.add_parser("pretrain", help="pretrain a backbone with a self-supervised method",
+                        description="Pretrain a backbone. Options not listed here are set as key=value "
+                        "overrides of the config, e.g. optim.lr=0.3 train.ckpt_every=200 "
+                        "params.temperature=0.5 (see RUN_DIR/config.yaml for every key).")
+    pt.add_argument("--method", choices=list(METHODS), help="the method (required unless --resume)")
+    src = pt.add_mutually_exclusive_group()
+    src.add_argument("--data", metavar="PATH", help="image folder (recursive; sub-folders are classes), or a "
+                     "cifar-10-batches-py / cifar-100-python / stl10_binary / MNIST IDX folder, or 'digits'")
+    src.add_argument("--dataset", metavar="NAME", choices=DATASET_NAMES,
+                     help=f"a named dataset, downloaded if missing: {', '.join(DATASET_NAMES)}")
+    pt.add_argument("--split", help="split to pretrain on (default train; e.g. unlabeled, train+unlabeled)")
+    pt.add_argument("--epochs", type=int)
+    pt.add_argument("--batch-size", type=int)
+    pt.add_argument("--image-size", type=int, help="side of the (square) training images, default 32")
+    pt.add_argument("--backbone", help="resnet18 | resnet50 | convnet")
+    pt.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
+    pt.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<method>-<time>)")
+    pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    pt.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    ev = sub.add_parser("evaluate", help="evaluate a pretrained (or random) backbone on labeled data")
+    ev.add_argument("run", metavar="RUN_DIR", help="a run directory, or random:BACKBONE for the untrained baseline")
+    ev.add_argument("--protocol", required=True, choices=PROTOCOLS)
+    ev.add_argument("--train", required=True, metavar="PATH", help="labeled training data (its train split)")
+    ev.add_argument("--test", required=True, metavar="PATH", help="labeled test data (its test split)")
+    ev.add_argument("--out", metavar="DIR", help="where <protocol>.json goes (default RUN_DIR/eval)")
+    ev.add_argument("--labels-per-class", type=int, help="train on this many labels per class (fixed seed)")
+    ev.add_argument("--image-size", type=int, help="for random:BACKBONE: input size (default 32)")
+    ev.add_argument("--k", type=int, default=200, help="kNN: neighbours (default 200)")
+    ev.add_argument("--temperature", type=float, default=0.1, help="kNN: vote temperature (default 0.1)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--no-progress", action="store_true")
+
+    de = sub.add_parser("demo", help="offline tour: pretrain rotation and SimCLR briefly, evaluate, print a table")
+    de.add_argument("--data", metavar="PATH", help="a labeled folder with train/ and test/ (default: embedded digits)")
+    de.add_argument("--out", default="runs/demo", metavar="DIR", help="where the runs go (default runs/demo)")
+    de.add_argument("--epochs", type=int, help="pretraining epochs per method (default 15)")
+    de.add_argument("--device", default="auto")
+    de.add_argument("--no-progress", action="store_true")
+
+    sub.add_parser("methods", help="list the methods, one line each")
+    return p
+
+
+def _pretrain(args) -> int:
+    from .train import pretrain, resume_config
+
+    cli = {"train": {}, "data": {}, "model": {}}
+    for key, section, name in (("epochs", "train", "epochs"), ("batch_size", "train", "batch_size"),
+                               ("device", "train", "device"), ("image_size", "data", "image_size"),
+                               ("split", "data", "split"), ("backbone", "model", "backbone")):
+        if getattr(args, key) is not None:
+            cli[section][name] = getattr(args, key)
+    if args.data is not None:
+        cli["data"]["path"] = args.data
+    if args.dataset is not None:
+        cli["data"].update(path=args.dataset, download=True)
+    overrides = parse_overrides(args.overrides)
+    for section, values in cli.items():
+        overrides.setdefault(section, {}).update(values)
+    overrides = {k: v for k, v in overrides.items() if v != {}}
+
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        cfg = resume_config(args.out, overrides)
+        if args.method and args.method != cfg.method:
+            raise ConfigError(f"{args.out} is a {cfg.method} run, not {args.method}")
+        out = args.out
+    else:
+        if not args.method:
+            raise ConfigError("--method is required (see `selfsup methods`)")
+        cfg = build_config(args.method, overrides)
+        if not cfg.data.path:
+            raise ConfigError("no training data: pass --data PATH or --dataset NAME")
+        out = args.out or f"runs/{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = pretrain(cfg, out, resume=args.resume, progress=not args.no_progress)
+    print(f"done: {run_dir} (checkpoint {Path(run_dir) / 'checkpoints' / 'last.pt'})")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    r = evaluate(args.run, args.protocol, args.train, args.test, out=args.out,
+                 labels_per_class=args.labels_per_class, image_size=args.image_size, k=args.k,
+                 temperature=args.temperature, device=args.device, seed=args.seed, progress=not args.no_progress)
+    dest = Path(args.out) if args.out else Path(args.run) / "eval"
+    print(f"{args.protocol} top-1: {r['top1']:.4f}  ({r['n_train']} train / {r['n_test']} test images; "
+          f"written to {dest / (args.protocol + '.json')})")
+    return 0
+
+
+def _methods(args) -> int:
+    from .methods import METHODS
+
+    width = max(len(n) for n in METHODS)
+    for name, m in METHODS.items():
+        print(f"{name:<{width}}  [{m.family}]  {m.summary}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(data=args.data, out=args.out, epochs=args.epochs, device=args.device, progress=not args.no_progress)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .train import NonFiniteLoss, TrainingInterrupted
+
+    logging.basicConfig(format="selfsup: %(message)s", level=logging.INFO)
+    args = _parser().parse_args(argv)
+    handlers = {"pretrain": _pretrain, "evaluate": _evaluate, "demo": _demo, "methods": _methods}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError) as e:
+        print(f"selfsup {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"selfsup {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        print(f"selfsup {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Typed run configuration: dataclasses, one YAML preset per method, ``key=value`` overrides.
+
+A run is described by one :class:`Config`. It is built in three layers, each visible in a single place:
+
+1. the dataclass defaults below,
+2. the method's preset ``src/selfsup/presets/<method>.yaml`` (a flat override of 1, no inheritance),
+3. command-line overrides ``section.key=value`` (values parsed as YAML, then type-checked).
+
+The resolved config is written to ``RUN_DIR/config.yaml`` and is all that is needed to repeat a run.
+Method-specific hyper-parameters live in ``params`` and are checked against the method's own
+``Params`` dataclass (see ``selfsup/methods/<method>.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data.views import AugConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (unknown key, wrong type, unknown method...)."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # image folder, dataset folder, or a dataset name (digits, cifar10, ...)
+    split: str = "train"  # which split to pretrain on ("train", "unlabeled", "train+unlabeled", ...)
+    image_size: int = 32  # images are decoded once and resized (shorter side + centre crop) to this
+    cache_dir: str | None = None  # decode cache; default $SELFSUP_CACHE or ~/.cache/selfsup/cache
+    download: bool = False  # allow downloading a named dataset (cifar10, stl10, ...)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # resnet18 | resnet50 | convnet
+    small_stem: bool | None = None  # 3x3 conv1, no max-pool; None = automatic (image_size <= 64)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | lars | adamw
+    lr: float = 0.1  # base learning rate for a batch of 256; the run uses lr * batch_size / 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0  # linear warm-up, capped at 10% of the run, then cosine decay
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    lars_eta: float = 0.02  # LARS trust coefficient (You et al. 2017)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "bf16"  # bf16 (autocast) | fp32
+    channels_last: bool = True
+    ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
+    log_every: int = 20  # steps between rows of metrics.csv
+
+
+@dataclass
+class Config:
+    method: str = "rotation"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    params: dict[str, Any] = field(default_factory=dict)  # the method's own hyper-parameters
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples to lists, recursively, so the dict is plain YAML / torch ``weights_only`` material."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# type checking of values coming from YAML or the command line
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _unknown(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean '{where}{close[0]}'?" if close else f"; known: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown option '{where}{key}'{hint}")
+
+
+def update_dataclass(obj: Any, values: dict[str, Any], where: str = "") -> Any:
+    """Set fields of a dataclass instance from a (nested) dict, checking names and types."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown(key, names, where)
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{where}{key}' is a section; set its fields, e.g. {where}{key}.<name>=...")
+            update_dataclass(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{where}{key}"))
+    return obj
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=0.3", "train.epochs=5"]`` -> nested dict, values parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.lr=0.3)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot parse the value of '{item}': {e}") from None
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override of '{p}'")
+        node[parts[-1]] = value
+    return out
+
+
+def preset(method: str) -> dict[str, Any]:
+    path = PRESET_DIR / f"{method}.yaml"
+    if not path.exists():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def build_config(method: str, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- the method's preset <- overrides; validates ``params`` against the method."""
+    from .methods import get_method
+
+    get_method(method)  # raises ConfigError for an unknown method
+    cfg = Config(method=method)
+    update_dataclass(cfg, {k: v for k, v in preset(method).items() if k != "method"})
+    if overrides:
+        overrides = dict(overrides)
+        if "method" in overrides and overrides.pop("method") != method:
+            raise ConfigError("the method is chosen with --method, not as an override")
+        update_dataclass(cfg, overrides)
+    return finalize(cfg)
+
+
+def finalize(cfg: Config) -> Config:
+    """Derive what follows from other fields, fill the method's params, validate."""
+    from .methods import get_method
+
+    cfg.aug.size = cfg.data.image_size  # views are made at the training image size
+    cfg.params = resolve_params(get_method(cfg.method), cfg.params)
+    validate(cfg)
+    return cfg
+
+
+def resolve_params(method_cls: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """Fill the method's parameter defaults and check names/types; returns a plain dict."""
+    p = method_cls.Params()
+    update_dataclass(p, params or {}, "params.")
+    return _plain(dataclasses.asdict(p))
+
+
+def validate(cfg: Config) -> None:
+    from .backbones import BACKBONES
+
+    if cfg.model.backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone '{cfg.model.backbone}'; choose one of {', '.join(BACKBONES)}")
+    if cfg.optim.name not in ("sgd", "lars", "adamw"):
+        raise ConfigError(f"unknown optimizer '{cfg.optim.name}'; choose sgd, lars or adamw")
+    if cfg.train.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"unknown precision '{cfg.train.precision}'; choose bf16 or fp32")
+    for name, v in (("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size),
+                    ("data.image_size", cfg.data.image_size), ("train.ckpt_every", cfg.train.ckpt_every),
+                    ("train.log_every", cfg.train.log_every)):
+        if v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config saved by :meth:`Config.to_dict` (e.g. ``RUN_DIR/config.yaml``)."""
+    d = dict(d)
+    cfg = Config(method=d.pop("method"))
+    update_dataclass(cfg, d)
+    return finalize(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_config(path: Path) -> Config:
+    return config_from_dict(yaml.safe_load(Path(path).read_text()))

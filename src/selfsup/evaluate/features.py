@@ -1,0 +1,74 @@
+"""Frozen encoders and their features: load a trained backbone (or a random one) and embed images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..backbones import Backbone, backbone_spec, build_backbone
+from ..config import ConfigError
+from ..data.views import AugConfig, eval_view
+from ..train import autocast, load_checkpoint, resolve_device
+
+
+@dataclass
+class Encoder:
+    backbone: Backbone
+    spec: dict  # backbone_spec: name, image_size, small_stem, in_chans
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    name: str  # "random:resnet18" or the run directory
+    precision: str = "bf16"
+
+
+def checkpoint_path(run: str | Path) -> Path:
+    p = Path(run)
+    if p.is_file():
+        return p
+    ckpt = p / "checkpoints" / "last.pt"
+    if not ckpt.exists():
+        raise ConfigError(f"no checkpoint found: {ckpt} does not exist (is '{run}' a selfsup run directory? "
+                          f"use random:BACKBONE for the random-init baseline)")
+    return ckpt
+
+
+def load_encoder(run: str, image_size: int | None = None, seed: int = 0) -> Encoder:
+    """``run`` is a run directory, a checkpoint file, or ``random:BACKBONE`` (untrained baseline,
+    initialised with ``seed``; ``image_size`` picks its stem)."""
+    defaults = AugConfig()
+    if run.startswith("random:"):
+        name = run.split(":", 1)[1]
+        size = image_size or 32
+        torch.manual_seed(seed)
+        try:
+            backbone = build_backbone(name, size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return Encoder(backbone.eval(), backbone_spec(name, size, None), defaults.mean, defaults.std, run)
+    ckpt = load_checkpoint(checkpoint_path(run))
+    spec = ckpt["backbone_spec"]
+    backbone = build_backbone(spec["name"], spec["image_size"], spec["small_stem"], spec["in_chans"])
+    state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+    backbone.load_state_dict(state)
+    aug = ckpt["config"].get("aug", {})
+    return Encoder(backbone.eval(), spec, tuple(aug.get("mean", defaults.mean)), tuple(aug.get("std", defaults.std)),
+                   str(run), ckpt["config"]["train"].get("precision", "bf16"))
+
+
+@torch.no_grad()
+def extract_features(encoder: Encoder, images: np.ndarray, device: str | torch.device = "auto",
+                     batch_size: int = 512) -> torch.Tensor:
+    """Pooled backbone features ``(N, D)`` (float32, on the CPU) of uint8 NHWC images."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    model = encoder.backbone.to(device).to(memory_format=torch.channels_last).eval()
+    view = AugConfig(size=encoder.spec["image_size"], mean=encoder.mean, std=encoder.std)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device)
+        with autocast(device, encoder.precision):
+            f = model(eval_view(x, view))
+        out.append(f.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, encoder.backbone.out_dim)

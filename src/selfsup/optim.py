@@ -1,0 +1,81 @@
+"""Optimizers and the learning-rate schedule: SGD, LARS, AdamW; linear warm-up then cosine decay."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import OptimConfig
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You, Gitman & Ginsburg 2017, Alg. 1).
+
+    For each parameter ``w`` with gradient ``g`` (weight decay ``wd`` folded in)::
+
+        local_lr = eta * ||w|| / (||g + wd * w||)        (1 where either norm is 0)
+        v = momentum * v + local_lr * (g + wd * w)
+        w = w - lr * v
+
+    Parameter groups with ``lars_exclude=True`` (biases and norm layers, as in SimCLR/BYOL) skip the
+    adaptation and the weight decay and get plain SGD with momentum.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.02) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if not group["lars_exclude"]:
+                    if group["weight_decay"]:
+                        g = g.add(p, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
+                                        torch.ones_like(w_norm))
+                    g = g.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(g).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(param_groups: list[dict], cfg: OptimConfig, batch_size: int) -> torch.optim.Optimizer:
+    """The run's learning rate is ``cfg.lr * batch_size / 256`` (linear scaling rule, Goyal et al. 2017)."""
+    lr = cfg.lr * batch_size / 256
+    if cfg.name == "lars":
+        return LARS(param_groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
+    groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in param_groups]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer '{cfg.name}'")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base rate at ``step`` (0-based): linear warm-up, then half a cosine."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_steps_for(cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> int:
+    """Warm-up length in steps, capped at 10% of the run so short runs are not all warm-up."""
+    return min(int(round(cfg.warmup_epochs * steps_per_epoch)), total_steps // 10)

@@ -1,0 +1,392 @@
+"""The training loop: plain PyTorch, one readable function per concern.
+
+What a run does (``pretrain``)::
+
+    images  = decode cache of the data (uint8, memory-mapped)          # selfsup.data
+    method  = METHODS[cfg.method](cfg)                                  # backbone + heads
+    for step in range(start, total_steps):
+        x     = next batch of uint8 images, in a seeded order per epoch, prefetched by a thread
+        batch = method.prepare(x, generator(seed, step))                # views + pseudo labels, on device
+        with autocast(bf16): out = method.training_step(batch)          # forward + loss
+        out["loss"].backward(); optimizer.step()                        # lr = warm-up + cosine
+        log to metrics.csv every log_every steps; checkpoint every ckpt_every steps
+
+Reproducibility and exact resume: every random choice is a function of ``(seed, step)`` (the
+augmentation generator) or ``(seed, epoch)`` (the data order), so a run resumed from a checkpoint
+replays the same batches with the same views and ends with the same weights as an uninterrupted
+run. The checkpoint holds model, optimizer, step, elapsed time and the global RNG states; it is
+written atomically (temporary file + ``os.replace``) and loaded with ``weights_only=True``.
+
+Run directory::
+
+    RUN_DIR/config.yaml            the resolved config
+    RUN_DIR/metrics.csv            one row every log_every steps (step, epoch, loss, lr, img_per_s, ...)
+    RUN_DIR/checkpoints/last.pt    the latest checkpoint
+    RUN_DIR/skipped.txt            inputs that could not be decoded (if any)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .config import Config, ConfigError, finalize, load_config, save_config, update_dataclass
+from .data import CachedImages, load_images
+from .methods import Method, get_method
+from .optim import build_optimizer, lr_factor, warmup_steps_for
+
+log = logging.getLogger("selfsup")
+
+CHECKPOINT_VERSION = 1
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or Inf; the run stopped and kept its last good checkpoint."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was written before stopping."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: stopped at step {step}, checkpoint written to {checkpoint}; "
+                         f"continue with --resume")
+
+
+# --------------------------------------------------------------------------------------------------
+# devices, precision, checkpoints
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available on this machine")
+    return dev
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CPU and CUDA (fp32 when asked, or on GPUs without bf16)."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same folder, flush to disk, then rename over ``path``:
+    a crash at any point leaves either the old or the new file, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def step_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
+    """The augmentation RNG of one step: a pure function of (seed, step)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) % (2**63))
+    return g
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+class BatchStream:
+    """Batches of uint8 images ``(B, 3, H, W)`` (channels_last) from the decode cache.
+
+    The order of epoch ``e`` is a permutation drawn from a generator seeded with ``(seed, e)``; the
+    last incomplete batch is dropped. The next batch is gathered from the memory map (and copied to
+    the device) by a background thread while the current step runs.
+    """
+
+    def __init__(self, images: np.ndarray, batch_size: int, seed: int, device: torch.device) -> None:
+        n = len(images)
+        if n < batch_size:
+            raise ConfigError(f"the data has {n} images, fewer than one batch of {batch_size}; "
+                              f"lower --batch-size")
+        self.images, self.batch_size, self.seed, self.device = images, batch_size, seed, device
+        self.steps_per_epoch = n // batch_size
+
+    def order(self, epoch: int) -> np.ndarray:
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        return torch.randperm(len(self.images), generator=g).numpy()
+
+    def _load(self, idx: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(self.images[np.sort(idx)]))  # sorted: sequential reads
+        x = x.permute(0, 3, 1, 2)  # NHWC storage == NCHW channels_last
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+        order = self.order(epoch)
+        b = self.batch_size
+        chunks = [order[i * b:(i + 1) * b] for i in range(start, self.steps_per_epoch)]
+        if not chunks:
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self._load, chunks[0])
+            for nxt in chunks[1:]:
+                cur = pending.result()
+                pending = pool.submit(self._load, nxt)
+                yield cur
+            yield pending.result()
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics
+
+
+class MetricsLog:
+    """``metrics.csv``: one row per logged step. On resume, rows after the checkpoint's step are
+    dropped (they will be replayed), so no step appears twice."""
+
+    def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
+        self.path = path
+        self.fields: list[str] | None = None
+        if keep_until_step is not None and path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            fields = list(rows[0].keys()) if rows else None
+            rows = [r for r in rows if int(r["step"]) <= keep_until_step]
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                if fields:
+                    w = csv.DictWriter(f, fieldnames=fields)
+                    w.writeheader()
+                    w.writerows(rows)
+            os.replace(tmp, path)
+            self.fields = fields
+        elif path.exists():
+            path.unlink()
+
+    def write(self, row: dict[str, Any]) -> None:
+        new = self.fields is None
+        if new:
+            self.fields = list(row.keys())
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Trainer:
+    """Owns one run. ``Trainer(cfg, run_dir).fit()`` trains; the pieces (``train_step``, ``stream``)
+    are also what ``benchmarks/throughput.py`` times."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
+                 data: CachedImages | None = None) -> None:
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
+        self.device = resolve_device(cfg.train.device)
+
+        if data is None:
+            if not cfg.data.path:
+                raise ConfigError("no training data: pass --data PATH or --dataset NAME")
+            data = load_images(cfg.data.path, split=cfg.data.split, image_size=cfg.data.image_size,
+                               cache_dir=cfg.data.cache_dir, download=cfg.data.download, progress=progress)
+        self.data = data
+        self.stream = BatchStream(data.images, cfg.train.batch_size, cfg.train.seed, self.device)
+        self.steps_per_epoch = self.stream.steps_per_epoch
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+
+        torch.manual_seed(cfg.train.seed)
+        self.method: Method = get_method(cfg.method)(cfg).to(self.device)
+        if cfg.train.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.method.param_groups(), cfg.optim, cfg.train.batch_size)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.warmup_steps = warmup_steps_for(cfg.optim, self.steps_per_epoch, self.total_steps)
+        self.step = 0
+        self.elapsed = 0.0
+        self._stop_signal: int | None = None
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._restore()
+        save_config(cfg, self.run_dir / "config.yaml")
+        self.metrics = MetricsLog(self.run_dir / "metrics.csv", keep_until_step=self.step if resume else None)
+        if data.skipped:
+            lines = [f"{path}\t{reason}" for path, reason in data.skipped]
+            (self.run_dir / "skipped.txt").write_text("\n".join(lines) + "\n")
+            log.warning("%d input file(s) could not be decoded and were skipped; list in %s",
+                        len(data.skipped), self.run_dir / "skipped.txt")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "method": self.cfg.method,
+            "config": self.cfg.to_dict(),
+            "backbone_spec": self.method.backbone_spec(),
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+
+    def save(self) -> None:
+        atomic_torch_save(self.state(), self.ckpt_path)
+
+    def _restore(self) -> None:
+        if not self.ckpt_path.exists():
+            raise ConfigError(f"--resume: no checkpoint at {self.ckpt_path}")
+        ckpt = load_checkpoint(self.ckpt_path, map_location=self.device)
+        self.method.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        log.info("resumed from %s at step %d/%d", self.ckpt_path, self.step, self.total_steps)
+
+    # -- one step ------------------------------------------------------------------------------
+    def set_lr(self, step: int) -> float:
+        f = lr_factor(step, self.total_steps, self.warmup_steps, self.cfg.optim.min_lr_ratio)
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * f
+        return self.base_lrs[0] * f
+
+    def train_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        self.method.train()
+        batch = self.method.prepare(images, step_generator(self.device, self.cfg.train.seed, step))
+        with autocast(self.device, self.cfg.train.precision):
+            out = self.method.training_step(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        self.optimizer.step()
+        return {k: v.detach() for k, v in out.items()}
+
+    # -- the loop ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGINT/SIGTERM set a flag; the loop checkpoints after the current step and stops."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def fit(self) -> Path:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if self.step >= self.total_steps:
+            log.info("run already complete (%d steps)", self.step)
+            return self.run_dir
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not self.progress,
+                   dynamic_ncols=True, desc=cfg.method)
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        try:
+            with self._signals():
+                while self.step < self.total_steps:
+                    epoch, start = divmod(self.step, self.steps_per_epoch)
+                    for images in self.stream.batches(epoch, start):
+                        t0 = time.perf_counter()
+                        lr = self.set_lr(self.step)
+                        out = self.train_step(images, self.step)
+                        loss = float(out["loss"])
+                        if not math.isfinite(loss):
+                            self._non_finite(loss, epoch)
+                        self.step += 1
+                        self.elapsed += time.perf_counter() - t0
+                        for k, v in out.items():
+                            window[k] = window.get(k, 0.0) + float(v)
+                        window_steps += 1
+                        end_of_epoch = self.step % self.steps_per_epoch == 0
+                        if self.step % cfg.train.log_every == 0 or end_of_epoch:
+                            dt = time.perf_counter() - window_start
+                            row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+                                   **{k: round(v / window_steps, 6) for k, v in window.items()},
+                                   "lr": f"{lr:.6g}",
+                                   "img_per_s": round(window_steps * cfg.train.batch_size / dt, 1),
+                                   "elapsed_s": round(self.elapsed, 2)}
+                            self.metrics.write(row)
+                            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=row["img_per_s"], refresh=False)
+                            bar.set_description(f"{cfg.method} epoch {epoch + 1}/{cfg.train.epochs}")
+                            window, window_steps, window_start = {}, 0, time.perf_counter()
+                        bar.update(1)
+                        if self.step % cfg.train.ckpt_every == 0 or self.step == self.total_steps:
+                            self.save()
+                        if self._stop_signal is not None:
+                            if self.step % cfg.train.ckpt_every != 0 and self.step != self.total_steps:
+                                self.save()
+                            raise TrainingInterrupted(self._stop_signal, self.step, self.ckpt_path)
+        finally:
+            bar.close()
+        return self.run_dir
+
+    def _non_finite(self, loss: float, epoch: int) -> None:
+        kept = (f"the last good checkpoint ({self.ckpt_path}) is kept" if self.ckpt_path.exists()
+                else "no checkpoint had been written yet")
+        raise NonFiniteLoss(f"loss became {loss} at step {self.step + 1} (epoch {epoch + 1}); the run "
+                            f"stopped and {kept}. Lower optim.lr, or try train.precision=fp32, and "
+                            f"--resume.")
+
+
+def pretrain(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True,
+             data: CachedImages | None = None) -> Path:
+    """Train ``cfg.method`` and return the run directory. See the module docstring for its layout."""
+    out = Path(out)
+    ckpt = out / "checkpoints" / "last.pt"
+    if not resume and ckpt.exists():
+        raise ConfigError(f"{out} already holds a run (checkpoints/last.pt); pass --resume to continue it "
+                          f"or choose another --out")
+    return Trainer(cfg, out, resume=resume, progress=progress, data=data).fit()
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """The saved config of a run, with optional overrides (e.g. more epochs)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise ConfigError(f"--resume: {run_dir} has no config.yaml; is it a selfsup run directory?")
+    cfg = load_config(path)
+    if overrides:
+        update_dataclass(cfg, overrides)
+        finalize(cfg)
+    return cfg

@@ -1,0 +1,57 @@
+"""Shared fixtures: small synthetic image folders made on the fly (tests never read ../shared)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(2)
+
+
+def oriented_image(rng: np.random.Generator, size: int, cls: int) -> np.ndarray:
+    """An image with an unambiguous 'up': bright sky on top, dark ground below, plus a class-specific
+    coloured blob (so a class label exists for kNN/linear tests) and noise."""
+    img = np.zeros((size, size, 3), dtype=np.float32)
+    horizon = int(size * rng.uniform(0.35, 0.6))
+    img[:horizon] = rng.uniform(0.6, 1.0, size=3)
+    img[horizon:] = rng.uniform(0.0, 0.3, size=3)
+    colours = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0)]
+    r = size // 5
+    cy, cx = rng.integers(r, size - r, size=2)
+    yy, xx = np.mgrid[:size, :size]
+    if cls % 2 == 0:
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    else:
+        mask = (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+    img[mask] = colours[cls % len(colours)]
+    img += rng.normal(0, 0.05, img.shape)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def make_folder(root: Path, n_per_class: int, classes: int = 4, size: int = 16, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.fromarray(oriented_image(rng, size, c)).save(d / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    """Every test gets its own decode cache."""
+    monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    """train/ and test/ folders of 16 px images, 4 classes."""
+    root = tmp_path / "data"
+    make_folder(root / "train", 16, seed=0)
+    make_folder(root / "test", 8, seed=1)
+    return root

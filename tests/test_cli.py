@@ -1,0 +1,67 @@
+"""The command line, end to end: pretrain -> evaluate (pretrained and random baseline), errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from selfsup.cli import main
+
+
+def test_methods_lists_one_line_per_method(capsys):
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["rotation", "simclr"]
+
+
+def test_pretrain_then_evaluate(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--method", "simclr", "--data", str(tiny_dataset / "train"), "--backbone", "convnet",
+                 "--image-size", "16", "--epochs", "2", "--batch-size", "16", "--out", str(run), "--no-progress",
+                 "params.temperature=0.5", "optim.lr=0.3"]) == 0
+    assert (run / "checkpoints" / "last.pt").exists()
+    assert main(["evaluate", str(run), "--protocol", "knn", "--train", str(tiny_dataset), "--test",
+                 str(tiny_dataset), "--no-progress"]) == 0
+    assert "knn top-1:" in capsys.readouterr().out
+    r = json.loads((run / "eval" / "knn.json").read_text())
+    assert 0 <= r["top1"] <= 1 and r["backbone"]["image_size"] == 16
+    assert main(["evaluate", "random:convnet", "--image-size", "16", "--protocol", "linear", "--train",
+                 str(tiny_dataset), "--test", str(tiny_dataset), "--out", str(tmp_path / "rnd"), "--no-progress"]) == 0
+    assert 0 <= json.loads((tmp_path / "rnd" / "linear.json").read_text())["top1"] <= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--method", "rotation", "--data", "/no/such/folder"], "/no/such/folder"),
+    (["pretrain", "--method", "rotation", "--data", "DATA", "optim.lrr=0.1"], "did you mean 'optim.lr'"),
+    (["pretrain", "--method", "rotation", "--data", "DATA", "train.epochs=many"], "train.epochs: expected an integer"),
+    (["pretrain", "--method", "rotation", "--data", "DATA", "oops"], "key=value"),
+    (["pretrain", "--method", "rotation", "--data", "DATA", "--backbone", "vgg"], "unknown backbone 'vgg'"),
+    (["pretrain", "--method", "rotation"], "no training data"),
+    (["pretrain", "--method", "rotation", "--data", "DATA", "--batch-size", "1000"], "fewer than one batch"),
+    (["pretrain", "--resume", "--out", "NOWHERE"], "no config.yaml"),
+])
+def test_bad_input_gives_a_clear_error_before_work(argv, message, tiny_dataset, tmp_path, capsys):
+    argv = [str(tiny_dataset / "train") if a == "DATA" else str(tmp_path / "x") if a == "NOWHERE" else a
+            for a in argv]
+    assert main(argv + ["--no-progress"] if argv[0] == "pretrain" else argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["pretrain", "--method", "rotation", "--data", str(tmp_path / "empty"), "--no-progress"]) == 2
+    assert "no image files" in capsys.readouterr().err
+
+
+def test_unknown_method_is_rejected_by_the_parser():
+    r = subprocess.run([sys.executable, "-m", "selfsup", "pretrain", "--method", "nope", "--data", "x"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr and "rotation" in r.stderr
+
+
+def test_help_mentions_every_command():
+    r = subprocess.run([sys.executable, "-m", "selfsup", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for cmd in ("pretrain", "evaluate", "demo", "methods"):
+        assert cmd in r.stdout

@@ -1,0 +1,74 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from selfsup.config import ConfigError
+from selfsup.evaluate import balanced_subset, evaluate, knn_predict, linear_probe
+
+
+def test_knn_weighted_votes_match_hand_computation():
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    test = torch.tensor([[0.6, 0.8], [2.0, 0.1]])
+    # by hand, k=3, T=0.5: cosine sims of test0 to train: 0.6, 0.96, 0.8, -0.6 -> top3 = idx 1,2,0
+    # votes: class1 = e^(0.96/0.5) + e^(0.8/0.5) = 6.82 + 4.95; class0 = e^(0.6/0.5) = 3.32 -> class 1
+    # test1 ~ (1, 0.05): sims 0.9988, 0.8293, 0.0499, -0.9988 -> top3 = 0,1,2
+    # class0 = e^(1.9975) = 7.37; class1 = e^(1.6586)+e^(0.0998) = 5.25+1.10 = 6.36 -> class 0
+    preds = knn_predict(train, labels, test, num_classes=3, k=3, temperature=0.5)
+    assert preds.tolist() == [1, 0]
+    # with T large, votes become counts: test1's top3 holds one class-0 and two class-1 neighbours -> class 1
+    assert knn_predict(train, labels, test, num_classes=3, k=3, temperature=100.0).tolist() == [1, 1]
+    # k is capped at the training set size
+    assert knn_predict(train, labels, test, num_classes=3, k=200).shape == (2,)
+
+
+def test_linear_probe_separates_linearly_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=g) * 3
+    y = torch.arange(300) % 3
+    x = centers[y] + torch.randn(300, 16, generator=g)
+    r = linear_probe(x[:200], y[:200], x[200:], y[200:], num_classes=3, epochs=20)
+    assert r["top1"] > 0.95 and r["train_top1"] > 0.95
+    noise = torch.randn(300, 16, generator=g)
+    chance = linear_probe(noise[:200], y[:200], noise[200:], y[200:], num_classes=3, epochs=20)
+    assert chance["top1"] < 0.6
+
+
+def test_balanced_subset_is_balanced_and_deterministic():
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    a = balanced_subset(labels, 10, seed=0)
+    assert np.bincount(labels[a]).tolist() == [10, 10, 10]
+    assert np.array_equal(a, balanced_subset(labels, 10, seed=0))
+    assert not np.array_equal(a, balanced_subset(labels, 10, seed=1))
+
+
+def test_evaluate_random_baseline_writes_json(tiny_dataset, tmp_path):
+    out = tmp_path / "eval"
+    r = evaluate("random:convnet", "knn", str(tiny_dataset), str(tiny_dataset), out=out, image_size=16,
+                 progress=False)
+    saved = json.loads((out / "knn.json").read_text())
+    assert saved["top1"] == r["top1"] and 0.0 <= r["top1"] <= 1.0
+    assert saved["n_train"] == 64 and saved["n_test"] == 32 and saved["num_classes"] == 4
+    lin = evaluate("random:convnet", "linear", str(tiny_dataset), str(tiny_dataset), out=out, image_size=16,
+                   labels_per_class=5, progress=False)
+    assert lin["n_train"] == 20 and math.isfinite(lin["top1"])
+
+
+def test_evaluate_errors_are_clear(tiny_dataset, tmp_path):
+    with pytest.raises(ConfigError, match="--out"):
+        evaluate("random:convnet", "knn", str(tiny_dataset), str(tiny_dataset))
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        evaluate(str(tmp_path / "nope"), "knn", str(tiny_dataset), str(tiny_dataset))
+    with pytest.raises(ConfigError, match="unknown backbone"):
+        evaluate("random:vgg99", "knn", str(tiny_dataset), str(tiny_dataset), out=tmp_path)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (16, 16), (i * 50, 0, 0)).save(flat / f"{i}.png")
+    with pytest.raises(ConfigError, match="no labels"):
+        evaluate("random:convnet", "knn", str(flat), str(flat), out=tmp_path)

@@ -1,0 +1,150 @@
+"""The training loop: checkpoints, exact resume after SIGKILL, SIGTERM, NaN, metrics, config."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import make_folder
+from selfsup.config import build_config, load_config
+from selfsup.methods.rotation import Rotation
+from selfsup.optim import lr_factor, warmup_steps_for
+from selfsup.train import NonFiniteLoss, load_checkpoint, pretrain, read_metrics
+
+EPOCHS, BATCH, N_IMAGES = 4, 8, 256  # 32 steps per epoch, 128 steps
+
+
+def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "selfsup", "pretrain", "--method", "rotation", "--data", str(data),
+            "--backbone", "convnet", "--image-size", "16", "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
+            "--out", str(out), "--no-progress", "train.ckpt_every=5", "train.log_every=1", *extra]
+
+
+def _env(tmp: Path) -> dict:
+    return {**os.environ, "SELFSUP_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "2"}
+
+
+@pytest.fixture(scope="module")
+def resume_setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    data = make_folder(tmp / "imgs", N_IMAGES // 4, size=16)
+    ref = tmp / "reference"
+    subprocess.run(_cmd(data, ref), check=True, env=_env(tmp), capture_output=True)
+    return tmp, data, load_checkpoint(ref / "checkpoints" / "last.pt")
+
+
+def _last_step(run: Path) -> int:
+    try:
+        lines = (run / "metrics.csv").read_text().strip().splitlines()
+        return int(lines[-1].split(",")[0]) if len(lines) > 1 else 0
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def _run_until(cmd, env, run: Path, step: int, sig: int) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while _last_step(run) < step:
+        assert proc.poll() is None, f"run ended before it could be interrupted: {proc.communicate()}"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return proc
+
+
+def _assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(resume_setup):
+    tmp, data, ref = resume_setup
+    run = tmp / "killed"
+    total = EPOCHS * N_IMAGES // BATCH
+    proc = _run_until(_cmd(data, run), _env(tmp), run, 47, signal.SIGKILL)  # step 45 is saved before 47 is logged
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert 45 <= ckpt["step"] < total and ckpt["step"] % 5 == 0
+    assert ckpt["step"] % (N_IMAGES // BATCH) != 0  # mid-epoch
+    assert _last_step(run) >= ckpt["step"]  # some logged steps came after the checkpoint: they get replayed
+
+    done = subprocess.run(_cmd(data, run, "--resume"), env=_env(tmp), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    steps = [int(r["step"]) for r in read_metrics(run)]
+    assert steps == list(range(1, total + 1))  # no step twice, none missing
+    final = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert final["step"] == total
+    _assert_same_weights(final["model"], ref["model"])
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes_identically(resume_setup):
+    tmp, data, ref = resume_setup
+    run = tmp / "terminated"
+    proc = _run_until(_cmd(data, run), _env(tmp), run, 12, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM
+    err = proc.stderr.read()
+    assert "SIGTERM received" in err and "--resume" in err
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] == _last_step(run) >= 12  # the state at the moment it stopped, not an older one
+    done = subprocess.run(_cmd(data, run, "--resume"), env=_env(tmp), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _assert_same_weights(load_checkpoint(run / "checkpoints" / "last.pt")["model"], ref["model"])
+
+
+def _cfg(data, **train):
+    return build_config("rotation", {"model": {"backbone": "convnet"}, "data": {"path": str(data), "image_size": 16},
+                                     "train": {"epochs": 2, "batch_size": 16, "ckpt_every": 3, **train}})
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    original = Rotation.training_step
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        out = original(self, batch)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(Rotation, "training_step", poisoned)
+    run = tmp_path / "nan"
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 5 .*last good checkpoint"):
+        pretrain(_cfg(tiny_dataset / "train"), run, progress=False)
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_run_directory_contents_and_config_roundtrip(tiny_dataset, tmp_path):
+    cfg = _cfg(tiny_dataset / "train", log_every=2)
+    run = pretrain(cfg, tmp_path / "run", progress=False)
+    saved = load_config(run / "config.yaml")
+    assert saved == cfg
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"] == "rotation"
+    rows = read_metrics(run)
+    assert {"step", "epoch", "loss", "lr", "img_per_s", "pretext_acc", "elapsed_s"} <= rows[0].keys()
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8]  # 64 images / 16 = 4 steps per epoch, 2 epochs
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 8 and ckpt["backbone_spec"]["name"] == "convnet"
+    assert not list((run / "checkpoints").glob(".*tmp*"))  # no temporary file left behind
+    with pytest.raises(Exception, match="already holds a run"):
+        pretrain(cfg, run, progress=False)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = build_config("rotation", {"optim": {"warmup_epochs": 1}})
+    w = warmup_steps_for(cfg.optim, 4, 80)
+    assert w == 4
+    assert lr_factor(0, 80, 4) == pytest.approx(0.25) and lr_factor(3, 80, 4) == pytest.approx(1.0)
+    assert lr_factor(4, 80, 4) == pytest.approx(1.0) and lr_factor(42, 80, 4) == pytest.approx(0.5)
+    assert lr_factor(80, 80, 4) == pytest.approx(0.0, abs=1e-9)
+    assert warmup_steps_for(cfg.optim, 100, 80) == 8  # capped at 10% of the run
