@@ -4,7 +4,8 @@ End-to-end = what `selfsup pretrain` does per step: gather the batch from the de
 memory map), copy it to the device, augment on the device, forward backbone + heads, loss, backward,
 optimizer step. Bound = the backbone alone, forward + backward + SGD step, on a ready-made input
 batch of the same number of encoder images (a SimCLR step of B images runs the backbone on 2B
-views, so both sides are counted in encoder images per second).
+views, so both sides are counted in encoder images per second). The two are timed alternately,
+step by step, so that changes in the machine's speed during the run affect both alike.
 
     python benchmarks/throughput.py --method simclr --backbone resnet18 --image-size 32 --batch-size 256
 
@@ -57,26 +58,6 @@ def main() -> None:
             yield from trainer.stream.batches(epoch)
             epoch += 1
 
-    # -- end to end: the training loop's own step, fed by the loop's own batch stream
-    it = batches()
-    for step in range(a.warmup):
-        trainer.train_step(next(it), step)
-    sync(dev)
-    t0 = time.perf_counter()
-    for step in range(a.warmup, a.warmup + a.steps):
-        out = trainer.train_step(next(it), step)
-        float(out["loss"])  # the loop reads the loss every step (NaN check)
-    sync(dev)
-    e2e = a.steps * views / (time.perf_counter() - t0)
-
-    # -- the augmentation alone (part of end to end), for the breakdown
-    x = next(it)
-    t0 = time.perf_counter()
-    for step in range(a.steps):
-        method.prepare(x, torch.Generator(device=dev).manual_seed(step))
-    sync(dev)
-    aug_ms = 1000 * (time.perf_counter() - t0) / a.steps
-
     # -- bound: the bare backbone, forward + backward + SGD step on a ready batch
     backbone = method.backbone
     opt = torch.optim.SGD(backbone.parameters(), lr=1e-3, momentum=0.9)
@@ -89,14 +70,33 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    for _ in range(a.warmup):
+    # -- end to end: the training loop's own step, fed by the loop's own batch stream.
+    # The two are timed alternately, step by step, so that drift in the machine's speed (other
+    # processes, clocks) affects both alike.
+    it = batches()
+    for step in range(a.warmup):
+        trainer.train_step(next(it), step)
         bare_step()
-    sync(dev)
+    t_e2e = t_bare = 0.0
+    for step in range(a.warmup, a.warmup + a.steps):
+        sync(dev)
+        t0 = time.perf_counter()
+        out = trainer.train_step(next(it), step)
+        float(out["loss"])  # the loop reads the loss every step (NaN check)
+        sync(dev)
+        t1 = time.perf_counter()
+        bare_step()
+        sync(dev)
+        t_e2e, t_bare = t_e2e + t1 - t0, t_bare + time.perf_counter() - t1
+    e2e, bound = a.steps * views / t_e2e, a.steps * views / t_bare
+
+    # -- the augmentation alone (part of end to end), for the breakdown
+    x = next(it)
     t0 = time.perf_counter()
-    for _ in range(a.steps):
-        bare_step()
+    for step in range(a.steps):
+        method.prepare(x, torch.Generator(device=dev).manual_seed(step))
     sync(dev)
-    bound = a.steps * views / (time.perf_counter() - t0)
+    aug_ms = 1000 * (time.perf_counter() - t0) / a.steps
 
     print(f"device: {dev} ({torch.get_num_threads()} threads), precision {a.precision}, method {a.method}, "
           f"backbone {a.backbone}, {a.image_size}px, batch {a.batch_size} images = {views} encoder images")

@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="offline tour: pretrain rotation and SimCLR briefly, evaluate, print a table")
     de.add_argument("--data", metavar="PATH", help="a labeled folder with train/ and test/ (default: embedded digits)")
     de.add_argument("--out", default="runs/demo", metavar="DIR", help="where the runs go (default runs/demo)")
-    de.add_argument("--epochs", type=int, help="pretraining epochs per method (default 15)")
+    de.add_argument("--epochs", type=int, help="pretraining epochs for each method (default: rotation 8, simclr 15)")
     de.add_argument("--device", default="auto")
     de.add_argument("--no-progress", action="store_true")
 
