@@ -148,3 +148,13 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(4, 80, 4) == pytest.approx(1.0) and lr_factor(42, 80, 4) == pytest.approx(0.5)
     assert lr_factor(80, 80, 4) == pytest.approx(0.0, abs=1e-9)
     assert warmup_steps_for(cfg.optim, 100, 80) == 8  # capped at 10% of the run
+
+
+def test_undecodable_files_are_skipped_listed_and_the_run_goes_on(tiny_dataset, tmp_path):
+    train = tiny_dataset / "train"
+    (train / "class0" / "broken.png").write_bytes(b"not a png at all")
+    (train / "class1" / "empty.jpg").write_bytes(b"")
+    run = pretrain(_cfg(train), tmp_path / "run", progress=False)
+    listed = (run / "skipped.txt").read_text()
+    assert "broken.png" in listed and "empty.jpg" in listed
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 8

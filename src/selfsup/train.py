@@ -291,6 +291,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.optimizer.step()
+        self.method.after_step(step, self.total_steps)
         return {k: v.detach() for k, v in out.items()}
 
     # -- the loop ------------------------------------------------------------------------------

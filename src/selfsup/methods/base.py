@@ -7,6 +7,7 @@ A method owns its backbone and heads and splits a training step in two:
   images themselves. It runs in float32, outside autocast.
 * :meth:`Method.training_step` is the method's forward pass and loss, run under autocast. It reads
   like the paper's pseudocode and returns a dict with ``"loss"`` and any scalars worth logging.
+* :meth:`Method.after_step` runs after the optimizer step (EMA / momentum-encoder updates).
 
 The training loop (``selfsup/train.py``) does everything else.
 """
@@ -54,6 +55,10 @@ class Method(nn.Module):
 
     def training_step(self, batch: Any) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after each optimizer step (``step`` is 0-based): momentum-encoder (EMA) updates,
+        schedules of the method's own. Nothing by default."""
 
     def param_groups(self) -> list[dict]:
         """Two groups: weights (decayed, LARS-adapted) and biases/norm parameters (neither),
