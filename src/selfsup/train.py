@@ -20,7 +20,8 @@ written atomically (temporary file + ``os.replace``) and loaded with ``weights_o
 Run directory::
 
     RUN_DIR/config.yaml            the resolved config
-    RUN_DIR/metrics.csv            one row every log_every steps (step, epoch, loss, lr, img_per_s, ...)
+    RUN_DIR/metrics.csv            one row every log_every steps (step, epoch, loss, lr, img_per_s, ...);
+                                   the last row of each epoch adds label-free health (monitor.py)
     RUN_DIR/checkpoints/last.pt    the latest checkpoint
     RUN_DIR/skipped.txt            inputs that could not be decoded (if any)
 """
@@ -44,12 +45,15 @@ import torch
 
 from .config import Config, ConfigError, finalize, load_config, save_config, update_dataclass
 from .data import CachedImages, load_images
+from .data.views import eval_view
 from .methods import Method, get_method
+from .monitor import collapse_warning, embedding_health
 from .optim import build_optimizer, lr_factor, warmup_steps_for
 
 log = logging.getLogger("selfsup")
 
 CHECKPOINT_VERSION = 1
+HEALTH_SAMPLES = 512
 
 
 class NonFiniteLoss(RuntimeError):
@@ -231,6 +235,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.method.param_groups(), cfg.optim, cfg.train.batch_size)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.warmup_steps = warmup_steps_for(cfg.optim, self.steps_per_epoch, self.total_steps)
+        # label-free health is measured every epoch on a fixed subset of the training images
+        self.health_idx = np.sort(torch.randperm(len(data), generator=torch.Generator().manual_seed(
+            cfg.train.seed + 1)).numpy()[:HEALTH_SAMPLES])
         self.step = 0
         self.elapsed = 0.0
         self._stop_signal: int | None = None
@@ -294,6 +301,19 @@ class Trainer:
         self.method.after_step(step, self.total_steps)
         return {k: v.detach() for k, v in out.items()}
 
+    @torch.no_grad()
+    def health(self) -> dict[str, float]:
+        """Collapse indicators of the backbone's features on the fixed subset (see monitor.py)."""
+        was_training = self.method.training
+        self.method.eval()
+        feats = []
+        for i in range(0, len(self.health_idx), 256):
+            x = torch.from_numpy(self.data.images[self.health_idx[i:i + 256]]).permute(0, 3, 1, 2).to(self.device)
+            with autocast(self.device, self.cfg.train.precision):
+                feats.append(self.method.backbone(self.method.fmt(eval_view(x, self.cfg.aug))).float().cpu())
+        self.method.train(was_training)
+        return embedding_health(torch.cat(feats))
+
     # -- the loop ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _signals(self):
@@ -346,7 +366,13 @@ class Trainer:
                                    **{k: round(v / window_steps, 6) for k, v in window.items()},
                                    "lr": f"{lr:.6g}",
                                    "img_per_s": round(window_steps * cfg.train.batch_size / dt, 1),
-                                   "elapsed_s": round(self.elapsed, 2)}
+                                   "elapsed_s": round(self.elapsed, 2), "feat_std": "", "rankme": ""}
+                            if end_of_epoch:
+                                h = self.health()
+                                row.update(feat_std=f"{h['feat_std']:.4g}", rankme=f"{h['rankme']:.4g}")
+                                warning = collapse_warning(h, self.method.backbone.out_dim)
+                                if warning:
+                                    log.warning("epoch %d: %s", epoch + 1, warning)
                             self.metrics.write(row)
                             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=row["img_per_s"], refresh=False)
                             bar.set_description(f"{cfg.method} epoch {epoch + 1}/{cfg.train.epochs}")

@@ -1,0 +1,52 @@
+"""Label-free health of a run: is the representation collapsing?
+
+Once per epoch the trainer embeds a fixed subset of the training images (no augmentation) with the
+backbone and computes, on the L2-normalised features ``z`` (N x d):
+
+* ``feat_std``: the per-dimension standard deviation over the samples, averaged over dimensions.
+  A healthy embedding spread over the sphere has about ``1/sqrt(d)``; complete collapse (every image
+  mapped to the same point) gives 0 (the SimSiam paper, Sec. 4.1, monitors the same quantity).
+* ``rankme``: the effective rank of the feature matrix (Garrido et al. 2023, "RankMe", Eq. 1):
+  ``exp(-sum_k p_k log p_k)`` with ``p_k = s_k / sum_j s_j + eps`` over its singular values ``s_k``.
+  It lies between 1 (collapse to a line) and ``min(N, d)``; dimensional collapse shows as a small
+  rank.
+
+Both are logged in ``metrics.csv`` (columns ``feat_std`` and ``rankme``, filled on the last row of
+each epoch) and a warning is printed when they fall below :data:`STD_COLLAPSE` of the healthy
+``1/sqrt(d)`` or to a rank below :data:`RANK_COLLAPSE`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+STD_COLLAPSE = 0.1  # warn when feat_std < 0.1 / sqrt(d)
+RANK_COLLAPSE = 2.0  # warn when the effective rank is below 2
+
+
+def feature_std(features: torch.Tensor) -> float:
+    z = F.normalize(features.float(), dim=1)
+    return float(z.std(dim=0).mean())
+
+
+def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
+    s = torch.linalg.svdvals(features.float())
+    p = s / s.sum().clamp_min(eps) + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def embedding_health(features: torch.Tensor) -> dict[str, float]:
+    return {"feat_std": feature_std(features), "rankme": rankme(features)}
+
+
+def collapse_warning(health: dict[str, float], dim: int) -> str | None:
+    """A message when the embedding looks collapsed, else None."""
+    healthy = 1 / math.sqrt(dim)
+    if health["feat_std"] < STD_COLLAPSE * healthy or health["rankme"] < RANK_COLLAPSE:
+        return (f"the representation is collapsing: feature std {health['feat_std']:.2e} (healthy ~{healthy:.2e}), "
+                f"effective rank {health['rankme']:.2f}; lower the learning rate, check the augmentations, or "
+                f"for methods without negatives check the predictor / stop-gradient / momentum settings")
+    return None
