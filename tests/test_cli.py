@@ -12,7 +12,8 @@ from selfsup.cli import main
 def test_methods_lists_one_line_per_method(capsys):
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [ln.split()[0] for ln in lines] == ["rotation", "simclr"]
+    assert [ln.split()[0] for ln in lines] == ["rotation", "simclr", "moco_v2", "byol", "simsiam",
+                                                    "barlow_twins", "vicreg"]
 
 
 def test_pretrain_then_evaluate(tiny_dataset, tmp_path, capsys):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from .barlow_twins import BarlowTwins
 from .base import Method
+from .byol import BYOL
+from .moco_v2 import MoCoV2
 from .rotation import Rotation
 from .simclr import SimCLR
+from .simsiam import SimSiam
+from .vicreg import VICReg
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Rotation, SimCLR)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (Rotation, SimCLR, MoCoV2, BYOL, SimSiam, BarlowTwins, VICReg)
+}
 
 
 def get_method(name: str) -> type[Method]:

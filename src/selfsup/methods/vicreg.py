@@ -1,0 +1,63 @@
+"""VICReg: variance-invariance-covariance regularisation of two views' embeddings
+(Bardes, Ponce & LeCun, ICLR 2022).
+
+Algorithm 1 of the paper::
+
+    for x in loader:
+        x_a, x_b = augment(x)                # two randomly augmented views (BYOL's, asymmetric)
+        z_a, z_b = f(x_a), f(x_b)            # backbone + expander, N x D
+        sim_loss = mse_loss(z_a, z_b)        # invariance, Eq. 5
+        std_z_a = sqrt(z_a.var(dim=0) + 1e-04)
+        std_loss = mean(relu(1 - std_z_a)) + mean(relu(1 - std_z_b))            # variance, Eq. 1-2
+        cov_z_a = (z_a - z_a.mean(0)).T @ (z_a - z_a.mean(0)) / (N - 1)
+        cov_loss = off_diagonal(cov_z_a).pow_(2).sum() / D + (same for z_b)      # covariance, Eq. 3-4
+        loss = 25 * sim_loss + 25 * std_loss + 1 * cov_loss                     # Eq. 6
+        loss.backward(); optimizer.step()
+
+The expander (projector) is an MLP with BatchNorm + ReLU on its hidden layers (3 layers of 8192 in the
+paper; 2048 here, as solo-learn's CIFAR recipe). Each view is its own forward pass. The logged parts
+are unweighted. Views: as BYOL, see :func:`selfsup.methods.byol.asymmetric_views`. Features for
+downstream tasks are the backbone's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..heads import MLP
+from ..losses import vicreg_loss
+from .base import Method
+from .byol import asymmetric_views, normalized_std
+
+
+class VICReg(Method):
+    name = "vicreg"
+    family = "joint-embedding"
+    summary = "VICReg (Bardes et al. 2022): invariance + variance hinge + covariance penalty on embeddings"
+    views_per_image = 2
+
+    @dataclass
+    class Params:
+        proj_hidden_dim: int = 2048  # paper (ImageNet): 8192-8192-8192
+        proj_dim: int = 2048
+        proj_layers: int = 3
+        sim_weight: float = 25.0  # lambda
+        var_weight: float = 25.0  # mu
+        cov_weight: float = 1.0  # nu
+        view2_blur_p: float | None = None  # None: as aug.blur_p (paper: 1.0 view 1, 0.1 view 2)
+        view2_solarize_p: float | None = 0.2  # paper: 0.0 view 1 (aug), 0.2 view 2
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        hp = self.hp
+        self.projector = MLP(self.backbone.out_dim, hp.proj_hidden_dim, hp.proj_dim, num_layers=hp.proj_layers)
+
+    def prepare(self, images, generator):
+        return self.fmt(asymmetric_views(images, self.cfg.aug, generator,
+                                         self.hp.view2_blur_p, self.hp.view2_solarize_p))
+
+    def training_step(self, x):
+        x1, x2 = x.chunk(2)
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        loss, parts = vicreg_loss(z1, z2, self.hp.sim_weight, self.hp.var_weight, self.hp.cov_weight)
+        return {"loss": loss, **{k: v.detach() for k, v in parts.items()}, "z_std": normalized_std(z1)}
