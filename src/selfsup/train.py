@@ -287,7 +287,7 @@ class Trainer:
     def set_lr(self, step: int) -> float:
         f = lr_factor(step, self.total_steps, self.warmup_steps, self.cfg.optim.min_lr_ratio)
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
-            g["lr"] = base * f
+            g["lr"] = base if g.get("fixed_lr") else base * f  # e.g. SimSiam's predictor (Sec. 4.4)
         return self.base_lrs[0] * f
 
     def train_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
