@@ -158,3 +158,20 @@ def test_undecodable_files_are_skipped_listed_and_the_run_goes_on(tiny_dataset, 
     listed = (run / "skipped.txt").read_text()
     assert "broken.png" in listed and "empty.jpg" in listed
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 8
+
+
+def test_fixed_lr_groups_keep_their_base_rate(tiny_dataset, tmp_path):
+    cfg = build_config("simsiam", {"model": {"backbone": "convnet"},
+                                   "data": {"path": str(tiny_dataset / "train"), "image_size": 16},
+                                   "train": {"epochs": 2, "batch_size": 16},
+                                   "params": {"proj_hidden_dim": 32, "proj_dim": 32, "pred_hidden_dim": 8}})
+    from selfsup.train import Trainer
+
+    t = Trainer(cfg, tmp_path / "run", progress=False)
+    t.set_lr(t.total_steps - 1)  # near the end of the cosine: the schedule factor is ~0
+    fixed = [g for g in t.optimizer.param_groups if g.get("fixed_lr")]
+    others = [g for g in t.optimizer.param_groups if not g.get("fixed_lr")]
+    assert fixed and others
+    base = cfg.optim.lr * cfg.train.batch_size / 256
+    assert all(g["lr"] == pytest.approx(base) for g in fixed)
+    assert all(g["lr"] < 0.2 * base for g in others)

@@ -19,9 +19,9 @@ output); h is a 2-layer bottleneck MLP (hidden d/4) with BatchNorm on its hidden
 view is its own forward pass (BatchNorm statistics per view), as in the reference code.
 
 Fixed predictor learning rate (Sec. 4.2, Table 1c): with ``fix_pred_lr`` the predictor's parameter
-groups carry ``fixed_lr=True``. The training loop's schedule (``Trainer.set_lr``) has to honour that
-flag for the predictor to keep its base rate; until it does, the predictor follows the same
-warm-up + cosine schedule as the encoder (the paper's Table 1 baseline, 67.7% vs 68.1%).
+groups carry ``fixed_lr=True``, and the training loop's schedule (``Trainer.set_lr``) keeps them at
+their base rate while the rest follows warm-up + cosine (without it: the paper's Table 1 baseline,
+67.7% vs 68.1%).
 """
 
 from __future__ import annotations
