@@ -339,7 +339,7 @@ class Trainer:
         if self.step >= self.total_steps:
             log.info("run already complete (%d steps)", self.step)
             return self.run_dir
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not self.progress,
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=None if self.progress else True,
                    dynamic_ncols=True, desc=cfg.method)
         window: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()

@@ -116,7 +116,7 @@ def _build_entry(source: Source, image_size: int, base: str, progress: bool) -> 
         images = np.memmap(tmp_u8, dtype=np.uint8, mode="w+", shape=(total, image_size, image_size, 3))
         labels, files, skipped = [], [], []
         items = tqdm(source.iter_images(image_size), total=total, desc=f"decoding {total} images into cache",
-                     unit="img", disable=not progress)
+                     unit="img", disable=None if progress else True)  # None: only on a terminal
         for item in items:
             if item.error is not None:
                 skipped.append((item.file, item.error))
