@@ -21,6 +21,7 @@ from selfsup.data.views import (
     sample_crop_boxes,
     solarize,
     to_float,
+    two_views,
 )
 
 # every random op on, so one pipeline run exercises all of them
@@ -302,3 +303,15 @@ def test_cuda_matches_cpu():
     a = augment(images.cuda(), ALL_ON, gen(9, "cuda"))
     assert torch.equal(a, augment(images.cuda(), ALL_ON, gen(9, "cuda")))
     assert a.shape == cuda.shape and torch.isfinite(a).all()
+
+
+def test_two_views_view2_overrides_only_the_second_view():
+    x = torch.rand(4, 3, 8, 8)
+    cfg = AugConfig(size=8, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0,
+                    mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    both = two_views(x, cfg, torch.Generator().manual_seed(0), view2_solarize_p=1.0)
+    assert both.shape == (8, 3, 8, 8)
+    assert torch.allclose(both[:4], x, atol=1e-5)  # view 1: identity crop, nothing else
+    assert torch.allclose(both[4:], torch.where(x >= 0.5, 1 - x, x), atol=1e-5)  # view 2: always solarized
+    same = two_views(x, cfg, torch.Generator().manual_seed(0))
+    assert torch.allclose(same[:4], same[4:], atol=1e-5)

@@ -27,9 +27,16 @@ STD_COLLAPSE = 0.1  # warn when feat_std < 0.1 / sqrt(d)
 RANK_COLLAPSE = 2.0  # warn when the effective rank is below 2
 
 
+@torch.no_grad()
+def normalized_std(z: torch.Tensor) -> torch.Tensor:
+    """The std over the batch of ``z / ||z||``, averaged over dimensions (SimSiam, Sec. 4.1): 0 for a
+    collapsed (constant) output, about ``1/sqrt(d)`` for well spread outputs. A tensor (no host sync),
+    so methods can log it every step."""
+    return F.normalize(z.float(), dim=1).std(dim=0).mean()
+
+
 def feature_std(features: torch.Tensor) -> float:
-    z = F.normalize(features.float(), dim=1)
-    return float(z.std(dim=0).mean())
+    return float(normalized_std(features))
 
 
 def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:

@@ -50,6 +50,7 @@ Autocast is disabled inside the ops, which stay in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -399,3 +400,14 @@ def eval_view(images: Tensor, cfg: AugConfig) -> Tensor:
     if x.shape[-2:] != (cfg.size, cfg.size):
         x = F.interpolate(x, size=(cfg.size, cfg.size), mode="bilinear", align_corners=False, antialias=True)
     return _normalize_channels_last(x, cfg)
+
+
+def two_views(images: Tensor, cfg: AugConfig, generator: torch.Generator,
+              view2_blur_p: float | None = None, view2_solarize_p: float | None = None) -> Tensor:
+    """Two views of each image, concatenated ``[x1; x2]`` (``2B`` images): view 1 with ``cfg``, view 2
+    with ``cfg`` except the blur / solarize probabilities given here (``None`` keeps ``cfg``'s), which
+    expresses BYOL's asymmetric augmentations (Grill et al. 2020, Table 6)."""
+    changes = {k: v for k, v in (("blur_p", view2_blur_p), ("solarize_p", view2_solarize_p)) if v is not None}
+    x1 = augment(images, cfg, generator)
+    x2 = augment(images, dataclasses.replace(cfg, **changes) if changes else cfg, generator)
+    return torch.cat([x1, x2])

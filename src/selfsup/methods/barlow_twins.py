@@ -17,7 +17,7 @@ Algorithm 1 of the paper::
 The projector is an MLP with BatchNorm + ReLU on its hidden layers (3 layers of 8192 in the paper;
 2048 here, as solo-learn's CIFAR recipe). Each view is its own forward pass. ``scale_loss`` multiplies
 the loss (1 in the paper; solo-learn's CIFAR recipe uses 0.1). Views: as BYOL, see
-:func:`selfsup.methods.byol.asymmetric_views`. Features for downstream tasks are the backbone's.
+:func:`selfsup.data.views.two_views`. Features for downstream tasks are the backbone's.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.views import two_views
 from ..heads import MLP
+from ..monitor import normalized_std
 from ..losses import barlow_twins_loss, cross_correlation
 from .base import Method
-from .byol import asymmetric_views, normalized_std
 
 
 class BarlowTwins(Method):
@@ -54,7 +55,7 @@ class BarlowTwins(Method):
         self.projector = MLP(self.backbone.out_dim, hp.proj_hidden_dim, hp.proj_dim, num_layers=hp.proj_layers)
 
     def prepare(self, images, generator):
-        return self.fmt(asymmetric_views(images, self.cfg.aug, generator,
+        return self.fmt(two_views(images, self.cfg.aug, generator,
                                          self.hp.view2_blur_p, self.hp.view2_solarize_p))
 
     def training_step(self, x):

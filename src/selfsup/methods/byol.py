@@ -19,39 +19,21 @@ mode (batch statistics), as in the reference implementation. Features for downst
 Asymmetric augmentations: the run has one ``aug`` config; it describes view 1. View 2 uses the same
 settings except the blur and solarization probabilities ``params.view2_blur_p`` and
 ``params.view2_solarize_p`` when these are set (BYOL Table 6: blur 1.0 / 0.1, solarize 0.0 / 0.2).
-:func:`asymmetric_views` is shared with Barlow Twins and VICReg, which use BYOL's augmentations.
+:func:`selfsup.data.views.two_views` makes them; Barlow Twins and VICReg use BYOL's augmentations.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..data.views import AugConfig, augment
+from ..data.views import two_views
 from ..ema import cosine_momentum, ema_update, frozen_copy
 from ..heads import MLP
+from ..monitor import normalized_std
 from ..losses import byol_loss
 from .base import Method
-
-
-def asymmetric_views(images: torch.Tensor, aug: AugConfig, generator: torch.Generator,
-                     view2_blur_p: float | None = None, view2_solarize_p: float | None = None) -> torch.Tensor:
-    """Two views of each image, concatenated ``[x1; x2]``: view 1 with ``aug``, view 2 with ``aug``'s
-    blur/solarize probabilities replaced by those given (``None`` keeps ``aug``'s)."""
-    changes = {k: v for k, v in (("blur_p", view2_blur_p), ("solarize_p", view2_solarize_p)) if v is not None}
-    x1 = augment(images, aug, generator)
-    x2 = augment(images, dataclasses.replace(aug, **changes) if changes else aug, generator)
-    return torch.cat([x1, x2])
-
-
-@torch.no_grad()
-def normalized_std(z: torch.Tensor) -> torch.Tensor:
-    """Collapse monitor of SimSiam (Sec. 4.1): the std over the batch of ``z / ||z||``, averaged over
-    channels; 0 for a collapsed (constant) output, about ``1/sqrt(d)`` for well spread outputs."""
-    return F.normalize(z.float(), dim=1).std(dim=0).mean()
 
 
 class BYOL(Method):
@@ -81,7 +63,7 @@ class BYOL(Method):
         self.target_projector = frozen_copy(self.projector)
 
     def prepare(self, images, generator):
-        return self.fmt(asymmetric_views(images, self.cfg.aug, generator,
+        return self.fmt(two_views(images, self.cfg.aug, generator,
                                          self.hp.view2_blur_p, self.hp.view2_solarize_p))
 
     def training_step(self, x):

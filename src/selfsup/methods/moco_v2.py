@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.views import augment
+from ..data.views import two_views
 from ..ema import cosine_momentum, ema_update, frozen_copy
 from ..losses import infonce
 from .base import Method
@@ -73,9 +73,7 @@ class MoCoV2(Method):
         self._new_keys: torch.Tensor | None = None  # this step's keys, enqueued by after_step
 
     def prepare(self, images, generator):
-        x1 = augment(images, self.cfg.aug, generator)
-        x2 = augment(images, self.cfg.aug, generator)
-        return self.fmt(torch.cat([x1, x2]))
+        return self.fmt(two_views(images, self.cfg.aug, generator))
 
     def training_step(self, x):
         x1, x2 = x.chunk(2)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.views import augment
+from ..data.views import two_views
 from ..heads import MLP
 from ..losses import nt_xent
 from .base import Method
@@ -41,9 +41,7 @@ class SimCLR(Method):
         self.projector = MLP(self.backbone.out_dim, self.hp.proj_hidden_dim, self.hp.proj_dim)
 
     def prepare(self, images, generator):
-        x1 = augment(images, self.cfg.aug, generator)
-        x2 = augment(images, self.cfg.aug, generator)
-        return self.fmt(torch.cat([x1, x2]))
+        return self.fmt(two_views(images, self.cfg.aug, generator))
 
     def training_step(self, x):
         z1, z2 = self.projector(self.backbone(x)).float().chunk(2)

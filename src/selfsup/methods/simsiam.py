@@ -28,13 +28,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ..data.views import augment
+from ..data.views import two_views
 from ..heads import MLP
 from ..losses import simsiam_loss
+from ..monitor import normalized_std
 from .base import Method
-from .byol import normalized_std
 
 
 class SimSiam(Method):
@@ -59,9 +57,7 @@ class SimSiam(Method):
         self.predictor = MLP(hp.proj_dim, hp.pred_hidden_dim, hp.proj_dim)
 
     def prepare(self, images, generator):
-        x1 = augment(images, self.cfg.aug, generator)
-        x2 = augment(images, self.cfg.aug, generator)
-        return self.fmt(torch.cat([x1, x2]))
+        return self.fmt(two_views(images, self.cfg.aug, generator))
 
     def training_step(self, x):
         x1, x2 = x.chunk(2)

@@ -16,7 +16,7 @@ Algorithm 1 of the paper::
 
 The expander (projector) is an MLP with BatchNorm + ReLU on its hidden layers (3 layers of 8192 in the
 paper; 2048 here, as solo-learn's CIFAR recipe). Each view is its own forward pass. The logged parts
-are unweighted. Views: as BYOL, see :func:`selfsup.methods.byol.asymmetric_views`. Features for
+are unweighted. Views: as BYOL, see :func:`selfsup.data.views.two_views`. Features for
 downstream tasks are the backbone's.
 """
 
@@ -24,10 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..data.views import two_views
 from ..heads import MLP
+from ..monitor import normalized_std
 from ..losses import vicreg_loss
 from .base import Method
-from .byol import asymmetric_views, normalized_std
 
 
 class VICReg(Method):
@@ -53,7 +54,7 @@ class VICReg(Method):
         self.projector = MLP(self.backbone.out_dim, hp.proj_hidden_dim, hp.proj_dim, num_layers=hp.proj_layers)
 
     def prepare(self, images, generator):
-        return self.fmt(asymmetric_views(images, self.cfg.aug, generator,
+        return self.fmt(two_views(images, self.cfg.aug, generator,
                                          self.hp.view2_blur_p, self.hp.view2_solarize_p))
 
     def training_step(self, x):
