@@ -22,7 +22,8 @@ import torch
 
 from selfsup.config import build_config
 from selfsup.data import load_images
-from selfsup.train import Trainer, autocast
+from selfsup.runtime import autocast
+from selfsup.train import Trainer
 
 
 def sync(device: torch.device) -> None:

@@ -45,10 +45,10 @@ import torch
 
 from .config import Config, ConfigError, finalize, load_config, save_config, update_dataclass
 from .data import CachedImages, load_images
-from .data.views import eval_view
 from .methods import Method, get_method
 from .monitor import collapse_warning, embedding_health
 from .optim import build_optimizer, lr_factor, warmup_steps_for
+from .runtime import autocast, embed, resolve_device
 
 log = logging.getLogger("selfsup")
 
@@ -72,24 +72,6 @@ class TrainingInterrupted(Exception):
 
 # --------------------------------------------------------------------------------------------------
 # devices, precision, checkpoints
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available on this machine")
-    return dev
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CPU and CUDA (fp32 when asked, or on GPUs without bf16)."""
-    if precision != "bf16":
-        return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -301,18 +283,11 @@ class Trainer:
         self.method.after_step(step, self.total_steps)
         return {k: v.detach() for k, v in out.items()}
 
-    @torch.no_grad()
     def health(self) -> dict[str, float]:
         """Collapse indicators of the backbone's features on the fixed subset (see monitor.py)."""
-        was_training = self.method.training
-        self.method.eval()
-        feats = []
-        for i in range(0, len(self.health_idx), 256):
-            x = torch.from_numpy(self.data.images[self.health_idx[i:i + 256]]).permute(0, 3, 1, 2).to(self.device)
-            with autocast(self.device, self.cfg.train.precision):
-                feats.append(self.method.backbone(self.method.fmt(eval_view(x, self.cfg.aug))).float().cpu())
-        self.method.train(was_training)
-        return embedding_health(torch.cat(feats))
+        feats = embed(self.method.backbone, self.data.images[self.health_idx], self.cfg.aug, self.device,
+                      self.cfg.train.precision)
+        return embedding_health(feats)
 
     # -- the loop ------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -10,8 +10,9 @@ import torch
 
 from ..backbones import Backbone, backbone_spec, build_backbone
 from ..config import ConfigError
-from ..data.views import AugConfig, eval_view
-from ..train import autocast, load_checkpoint, resolve_device
+from ..data.views import AugConfig
+from ..runtime import embed, resolve_device
+from ..train import load_checkpoint
 
 
 @dataclass
@@ -58,17 +59,10 @@ def load_encoder(run: str, image_size: int | None = None, seed: int = 0) -> Enco
                    str(run), ckpt["config"]["train"].get("precision", "bf16"))
 
 
-@torch.no_grad()
 def extract_features(encoder: Encoder, images: np.ndarray, device: str | torch.device = "auto",
                      batch_size: int = 512) -> torch.Tensor:
     """Pooled backbone features ``(N, D)`` (float32, on the CPU) of uint8 NHWC images."""
     device = resolve_device(device) if isinstance(device, str) else device
-    model = encoder.backbone.to(device).to(memory_format=torch.channels_last).eval()
+    model = encoder.backbone.to(device).to(memory_format=torch.channels_last)
     view = AugConfig(size=encoder.spec["image_size"], mean=encoder.mean, std=encoder.std)
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device)
-        with autocast(device, encoder.precision):
-            f = model(eval_view(x, view))
-        out.append(f.float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, encoder.backbone.out_dim)
+    return embed(model, images, view, device, encoder.precision, batch_size)

@@ -1,0 +1,50 @@
+"""Where and how tensors run: device choice, bf16 autocast, and embedding images with a backbone.
+
+Shared by the training loop (per-epoch health, ``train.py``) and evaluation (``evaluate/``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .config import ConfigError
+from .data.views import AugConfig, eval_view
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available on this machine")
+    return dev
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CPU and CUDA (fp32 when asked, or on GPUs without bf16)."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def embed(backbone: nn.Module, images: np.ndarray, view: AugConfig, device: torch.device,
+          precision: str = "bf16", batch_size: int = 256) -> torch.Tensor:
+    """Pooled features ``(N, D)`` (float32, on the CPU) of uint8 NHWC images, through the
+    deterministic evaluation view (resize + normalise). The backbone runs in eval mode and is put
+    back in the mode it had."""
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device)
+        with autocast(device, precision):
+            out.append(backbone(eval_view(x, view)).float().cpu())
+    backbone.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, getattr(backbone, "out_dim", 0))
