@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError
-from .data.views import AugConfig, eval_view
+from .data.views import AugConfig, eval_input
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -35,16 +35,16 @@ def autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def embed(backbone: nn.Module, images: np.ndarray, view: AugConfig, device: torch.device,
-          precision: str = "bf16", batch_size: int = 256) -> torch.Tensor:
+          precision: str = "bf16", batch_size: int = 256, input_mode: str = "rgb") -> torch.Tensor:
     """Pooled features ``(N, D)`` (float32, on the CPU) of uint8 NHWC images, through the
-    deterministic evaluation view (resize + normalise). The backbone runs in eval mode and is put
-    back in the mode it had."""
+    deterministic evaluation view (resize + normalise, or the L channel for ``input_mode="lab_l"``).
+    The backbone runs in eval mode and is put back in the mode it had."""
     was_training = backbone.training
     backbone.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device)
         with autocast(device, precision):
-            out.append(backbone(eval_view(x, view)).float().cpu())
+            out.append(backbone(eval_input(x, view, input_mode)).float().cpu())
     backbone.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, getattr(backbone, "out_dim", 0))

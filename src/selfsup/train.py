@@ -23,7 +23,12 @@ Run directory::
     RUN_DIR/metrics.csv            one row every log_every steps (step, epoch, loss, lr, img_per_s, ...);
                                    the last row of each epoch adds label-free health (monitor.py)
     RUN_DIR/checkpoints/last.pt    the latest checkpoint
+    RUN_DIR/figures/               the method's pictures of its own task, drawn at the end of training
     RUN_DIR/skipped.txt            inputs that could not be decoded (if any)
+
+Methods with several optimizers (GANs: ``Method.phases = ("d", "g")``) get one optimizer per phase,
+stepped in order within each training step; methods may re-label or re-order the data at the start
+of each epoch (DeepCluster: ``Method.on_epoch_start`` / ``Method.epoch_order``).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from .runtime import autocast, embed, resolve_device
 
 log = logging.getLogger("selfsup")
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: "optimizers" holds one state dict per phase
 HEALTH_SAMPLES = 512
 
 
@@ -109,16 +114,25 @@ class BatchStream:
     the device) by a background thread while the current step runs.
     """
 
-    def __init__(self, images: np.ndarray, batch_size: int, seed: int, device: torch.device) -> None:
+    def __init__(self, images: np.ndarray, batch_size: int, seed: int, device: torch.device,
+                 order_fn=None) -> None:
         n = len(images)
         if n < batch_size:
             raise ConfigError(f"the data has {n} images, fewer than one batch of {batch_size}; "
                               f"lower --batch-size")
         self.images, self.batch_size, self.seed, self.device = images, batch_size, seed, device
+        self.order_fn = order_fn  # Method.epoch_order: (epoch, generator, n) -> indices or None
         self.steps_per_epoch = n // batch_size
 
     def order(self, epoch: int) -> np.ndarray:
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        if self.order_fn is not None:
+            idx = self.order_fn(epoch, g, len(self.images))
+            if idx is not None:
+                idx = np.asarray(idx)
+                if len(idx) < self.steps_per_epoch * self.batch_size:
+                    raise RuntimeError(f"epoch_order returned {len(idx)} indices, fewer than an epoch needs")
+                return idx
         return torch.randperm(len(self.images), generator=g).numpy()
 
     def _load(self, idx: np.ndarray) -> torch.Tensor:
@@ -206,16 +220,17 @@ class Trainer:
             data = load_images(cfg.data.path, split=cfg.data.split, image_size=cfg.data.image_size,
                                cache_dir=cfg.data.cache_dir, download=cfg.data.download, progress=progress)
         self.data = data
-        self.stream = BatchStream(data.images, cfg.train.batch_size, cfg.train.seed, self.device)
-        self.steps_per_epoch = self.stream.steps_per_epoch
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
-
         torch.manual_seed(cfg.train.seed)
         self.method: Method = get_method(cfg.method)(cfg).to(self.device)
         if cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.method.param_groups(), cfg.optim, cfg.train.batch_size)
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.stream = BatchStream(data.images, cfg.train.batch_size, cfg.train.seed, self.device,
+                                  order_fn=self.method.epoch_order)
+        self.steps_per_epoch = self.stream.steps_per_epoch
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+
+        self.optimizers = build_phase_optimizers(self.method, cfg)
+        self.base_lrs = {p: [g["lr"] for g in opt.param_groups] for p, opt in self.optimizers.items()}
         self.warmup_steps = warmup_steps_for(cfg.optim, self.steps_per_epoch, self.total_steps)
         # label-free health is measured every epoch on a fixed subset of the training images
         self.health_idx = np.sort(torch.randperm(len(data), generator=torch.Generator().manual_seed(
@@ -243,7 +258,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "backbone_spec": self.method.backbone_spec(),
             "model": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizers": {p: opt.state_dict() for p, opt in self.optimizers.items()},
             "step": self.step,
             "elapsed": self.elapsed,
             "rng": {"torch": torch.get_rng_state(),
@@ -258,7 +273,9 @@ class Trainer:
             raise ConfigError(f"--resume: no checkpoint at {self.ckpt_path}")
         ckpt = load_checkpoint(self.ckpt_path, map_location=self.device)
         self.method.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        states = ckpt["optimizers"] if "optimizers" in ckpt else {"main": ckpt["optimizer"]}  # version 1
+        for p, opt in self.optimizers.items():
+            opt.load_state_dict(states[p])
         self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
@@ -266,27 +283,48 @@ class Trainer:
         log.info("resumed from %s at step %d/%d", self.ckpt_path, self.step, self.total_steps)
 
     # -- one step ------------------------------------------------------------------------------
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer of a single-phase method (the first phase's otherwise)."""
+        return self.optimizers[self.method.phases[0]]
+
     def set_lr(self, step: int) -> float:
         f = lr_factor(step, self.total_steps, self.warmup_steps, self.cfg.optim.min_lr_ratio)
-        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
-            g["lr"] = base if g.get("fixed_lr") else base * f  # e.g. SimSiam's predictor (Sec. 4.4)
-        return self.base_lrs[0] * f
+        for p, opt in self.optimizers.items():
+            for g, base in zip(opt.param_groups, self.base_lrs[p]):
+                g["lr"] = base if g.get("fixed_lr") else base * f  # e.g. SimSiam's predictor (Sec. 4.4)
+        return self.base_lrs[self.method.phases[0]][0] * f
 
     def train_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         self.method.train()
         batch = self.method.prepare(images, step_generator(self.device, self.cfg.train.seed, step))
-        with autocast(self.device, self.cfg.train.precision):
-            out = self.method.training_step(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        self.optimizer.step()
+        phases = self.method.phases
+        if len(phases) == 1:
+            with autocast(self.device, self.cfg.train.precision):
+                out = self.method.training_step(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            self.optimizer.step()
+            self.method.after_step(step, self.total_steps)
+            return {k: v.detach() for k, v in out.items()}
+        logged: dict[str, torch.Tensor] = {}
+        for phase in phases:  # e.g. a GAN: discriminator step, then generator step
+            opt = self.optimizers[phase]
+            with autocast(self.device, self.cfg.train.precision):
+                out = self.method.phase_step(batch, phase)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            for k, v in out.items():
+                logged[f"loss_{phase}" if k == "loss" else k] = v.detach()
+        logged["loss"] = sum(logged[f"loss_{p}"] for p in phases)
         self.method.after_step(step, self.total_steps)
-        return {k: v.detach() for k, v in out.items()}
+        return {"loss": logged.pop("loss"), **logged}
 
     def health(self) -> dict[str, float]:
         """Collapse indicators of the backbone's features on the fixed subset (see monitor.py)."""
         feats = embed(self.method.backbone, self.data.images[self.health_idx], self.cfg.aug, self.device,
-                      self.cfg.train.precision)
+                      self.cfg.train.precision, input_mode=self.method.input_mode)
         return embedding_health(feats)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -322,6 +360,7 @@ class Trainer:
             with self._signals():
                 while self.step < self.total_steps:
                     epoch, start = divmod(self.step, self.steps_per_epoch)
+                    self.method.on_epoch_start(self, epoch)
                     for images in self.stream.batches(epoch, start):
                         t0 = time.perf_counter()
                         lr = self.set_lr(self.step)
@@ -361,7 +400,23 @@ class Trainer:
                             raise TrainingInterrupted(self._stop_signal, self.step, self.ckpt_path)
         finally:
             bar.close()
+        self.draw_figures()
         return self.run_dir
+
+    def draw_figures(self) -> list[Path]:
+        """The method's pictures of its own task into ``RUN_DIR/figures`` (a failure is logged, never
+        fatal: the trained weights are already saved)."""
+        out = self.run_dir / "figures"
+        out.mkdir(parents=True, exist_ok=True)
+        was_training = self.method.training
+        self.method.eval()
+        try:
+            return self.method.figures(self.data, out, self.device)
+        except Exception as e:  # noqa: BLE001 - a picture must never cost the run
+            log.warning("could not draw the %s figures: %s: %s", self.cfg.method, type(e).__name__, e)
+            return []
+        finally:
+            self.method.train(was_training)
 
     def _non_finite(self, loss: float, epoch: int) -> None:
         kept = (f"the last good checkpoint ({self.ckpt_path}) is kept" if self.ckpt_path.exists()
@@ -369,6 +424,28 @@ class Trainer:
         raise NonFiniteLoss(f"loss became {loss} at step {self.step + 1} (epoch {epoch + 1}); the run "
                             f"stopped and {kept}. Lower optim.lr, or try train.precision=fp32, and "
                             f"--resume.")
+
+
+def build_phase_optimizers(method: Method, cfg: Config) -> dict[str, torch.optim.Optimizer]:
+    """One optimizer per phase of the method, over the param groups tagged with that phase (groups
+    of a single-phase method need no tag). Groups may override ``lr`` (given per 256 images, like
+    ``optim.lr``), ``betas``, ``weight_decay``."""
+    groups = method.param_groups()
+    phases = method.phases
+    out = {}
+    for phase in phases:
+        mine = [dict(g) for g in groups if g.get("phase", phases[0]) == phase]
+        if not mine:
+            raise RuntimeError(f"{method.name}: no parameters for phase '{phase}'")
+        for g in mine:
+            g.pop("phase", None)
+            if "lr" in g:
+                g["lr"] = g["lr"] * cfg.train.batch_size / 256
+        out[phase] = build_optimizer(mine, cfg.optim, cfg.train.batch_size)
+    unknown = {g.get("phase") for g in groups} - set(phases) - {None}
+    if unknown:
+        raise RuntimeError(f"{method.name}: param groups name unknown phases {unknown}")
+    return out
 
 
 def pretrain(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True,

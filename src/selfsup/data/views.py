@@ -402,6 +402,25 @@ def eval_view(images: Tensor, cfg: AugConfig) -> Tensor:
     return _normalize_channels_last(x, cfg)
 
 
+INPUT_CHANNELS = {"rgb": 3, "lab_l": 1}  # what a backbone can be trained to see (Method.input_mode)
+
+
+def eval_input(images: Tensor, cfg: AugConfig, mode: str = "rgb") -> Tensor:
+    """The deterministic evaluation input of a backbone trained on ``mode``: ``"rgb"`` is
+    :func:`eval_view`; ``"lab_l"`` is the L channel of the resized image scaled to [-1, 1]
+    (colorization's input, see ``data.color.lightness``)."""
+    if mode == "rgb":
+        return eval_view(images, cfg)
+    if mode == "lab_l":
+        from .color import lightness
+
+        x = to_float(images)
+        if x.shape[-2:] != (cfg.size, cfg.size):
+            x = F.interpolate(x, size=(cfg.size, cfg.size), mode="bilinear", align_corners=False, antialias=True)
+        return lightness(x).contiguous(memory_format=torch.channels_last)
+    raise ValueError(f"unknown input mode '{mode}'; choose one of {', '.join(INPUT_CHANNELS)}")
+
+
 def two_views(images: Tensor, cfg: AugConfig, generator: torch.Generator,
               view2_blur_p: float | None = None, view2_solarize_p: float | None = None) -> Tensor:
     """Two views of each image, concatenated ``[x1; x2]`` (``2B`` images): view 1 with ``cfg``, view 2

@@ -23,6 +23,7 @@ class Encoder:
     std: tuple[float, float, float]
     name: str  # "random:resnet18" or the run directory
     precision: str = "bf16"
+    input_mode: str = "rgb"  # what the backbone was trained to see (spec["input"])
 
 
 def checkpoint_path(run: str | Path) -> Path:
@@ -56,7 +57,7 @@ def load_encoder(run: str, image_size: int | None = None, seed: int = 0) -> Enco
     backbone.load_state_dict(state)
     aug = ckpt["config"].get("aug", {})
     return Encoder(backbone.eval(), spec, tuple(aug.get("mean", defaults.mean)), tuple(aug.get("std", defaults.std)),
-                   str(run), ckpt["config"]["train"].get("precision", "bf16"))
+                   str(run), ckpt["config"]["train"].get("precision", "bf16"), spec.get("input", "rgb"))
 
 
 def extract_features(encoder: Encoder, images: np.ndarray, device: str | torch.device = "auto",
@@ -65,4 +66,4 @@ def extract_features(encoder: Encoder, images: np.ndarray, device: str | torch.d
     device = resolve_device(device) if isinstance(device, str) else device
     model = encoder.backbone.to(device).to(memory_format=torch.channels_last)
     view = AugConfig(size=encoder.spec["image_size"], mean=encoder.mean, std=encoder.std)
-    return embed(model, images, view, device, encoder.precision, batch_size)
+    return embed(model, images, view, device, encoder.precision, batch_size, encoder.input_mode)

@@ -9,21 +9,38 @@ A method owns its backbone and heads and splits a training step in two:
   like the paper's pseudocode and returns a dict with ``"loss"`` and any scalars worth logging.
 * :meth:`Method.after_step` runs after the optimizer step (EMA / momentum-encoder updates).
 
+Hooks that some methods need (all optional):
+
+* ``phases``: methods with several players (GANs) name one optimizer per phase, e.g. ``("d", "g")``;
+  the loop then calls :meth:`Method.phase_step` once per phase, in order, each followed by its own
+  backward and optimizer step. Each param group from :meth:`Method.param_groups` says its ``"phase"``.
+* :meth:`Method.on_epoch_start` runs before each epoch (DeepCluster re-clusters the data there) and
+  :meth:`Method.epoch_order` may replace the epoch's uniform random order of the images.
+* :meth:`Method.figures` draws the method's own task (e.g. colorized images) into
+  ``RUN_DIR/figures/`` at the end of training.
+* ``input_mode``: what the backbone sees, ``"rgb"`` or ``"lab_l"`` (the L channel only, for
+  colorization); it is saved with the backbone so evaluation feeds the same input.
+
 The training loop (``selfsup/train.py``) does everything else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from ..backbones import Backbone, backbone_spec, build_backbone
+from ..data.views import INPUT_CHANNELS
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..data import CachedImages
+    from ..train import Trainer
 
 
 class Method(nn.Module):
@@ -31,6 +48,8 @@ class Method(nn.Module):
     family: ClassVar[str]  # survey taxonomy: context-based, generation-based, joint-embedding
     summary: ClassVar[str]  # one line for `selfsup methods`
     views_per_image: ClassVar[int] = 1  # how many encoder inputs one source image becomes
+    input_mode: ClassVar[str] = "rgb"  # what the backbone sees: "rgb" or "lab_l" (see data.views.INPUT_CHANNELS)
+    phases: ClassVar[tuple[str, ...]] = ("main",)  # one optimizer per phase, stepped in this order
 
     @dataclass
     class Params:
@@ -40,11 +59,16 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.hp = self.Params(**cfg.params)
-        self.backbone: Backbone = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.small_stem)
+        self.backbone: Backbone = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.small_stem,
+                                                 in_chans=INPUT_CHANNELS[self.input_mode])
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
     def backbone_spec(self) -> dict:
-        return backbone_spec(self.cfg.model.backbone, self.cfg.data.image_size, self.cfg.model.small_stem)
+        """What rebuilds the backbone and feeds it (stored in checkpoints and exports)."""
+        spec = backbone_spec(self.cfg.model.backbone, self.cfg.data.image_size, self.cfg.model.small_stem,
+                             in_chans=INPUT_CHANNELS[self.input_mode])
+        spec["input"] = self.input_mode
+        return spec
 
     def fmt(self, x: torch.Tensor) -> torch.Tensor:
         """Put an image batch in the run's memory format (channels_last by default)."""
@@ -56,6 +80,28 @@ class Method(nn.Module):
     def training_step(self, batch: Any) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def phase_step(self, batch: Any, phase: str) -> dict[str, torch.Tensor]:
+        """One phase of a multi-optimizer step (``phases`` has more than one entry): return the loss
+        that this phase's optimizer minimises as ``"loss"``, plus scalars to log. The trainer logs
+        phase ``p``'s loss as ``loss_p`` and their sum as ``loss``."""
+        return self.training_step(batch)
+
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+        """Called before the first step of each epoch (also when a run resumes mid-epoch: keep state
+        in buffers so that work already done for ``epoch`` is not redone). Nothing by default."""
+
+    def epoch_order(self, epoch: int, generator: torch.Generator, n: int) -> np.ndarray | None:
+        """Indices of the images to visit in ``epoch`` (any length, repeats allowed), drawn with
+        ``generator`` (seeded by (seed, epoch)); ``None`` for a uniform random permutation of the ``n``
+        images."""
+        return None
+
+    @torch.no_grad()
+    def figures(self, data: "CachedImages", out_dir: Path, device: torch.device) -> list[Path]:
+        """Pictures of the method's own task, written into ``out_dir`` (``RUN_DIR/figures``) at the end
+        of training; returns the files written. Nothing by default."""
+        return []
+
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after each optimizer step (``step`` is 0-based): momentum-encoder (EMA) updates,
         schedules of the method's own. Nothing by default."""
@@ -63,9 +109,15 @@ class Method(nn.Module):
     def param_groups(self) -> list[dict]:
         """Two groups: weights (decayed, LARS-adapted) and biases/norm parameters (neither),
         as in SimCLR/BYOL's LARS setup."""
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 else decay).append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+        return split_decay(self.parameters())
+
+
+def split_decay(params, **extra) -> list[dict]:
+    """Param groups for ``params``: weights (decayed, LARS-adapted) and biases/norm parameters (neither);
+    ``extra`` (e.g. ``phase="d"``, ``lr=...``, ``betas=...``) is added to both groups."""
+    decay, no_decay = [], []
+    for p in params:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, **extra}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, **extra}]
