@@ -21,6 +21,10 @@ def __getattr__(name):  # lazy: `import selfsup` stays cheap, the API is one att
         from . import data
 
         return data.load_images
+    if name == "load_backbone":
+        from .export import load_backbone
+
+        return load_backbone
     if name == "METHODS":
         from .methods import METHODS
 
@@ -29,4 +33,4 @@ def __getattr__(name):  # lazy: `import selfsup` stays cheap, the API is one att
 
 
 __all__ = ["__version__", "pretrain", "Trainer", "build_config", "load_config", "Config", "evaluate",
-           "load_encoder", "extract_features", "load_images", "METHODS"]
+           "load_encoder", "extract_features", "load_images", "METHODS", "load_backbone"]

@@ -1,4 +1,4 @@
-"""Command line: ``selfsup {pretrain,evaluate,demo,methods}``. Thin: parses arguments, calls the API."""
+"""Command line: ``selfsup {pretrain,evaluate,embed,export,demo,methods}``. Thin: parses arguments, calls the API."""
 
 from __future__ import annotations
 
@@ -66,6 +66,22 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--device", default="auto")
     de.add_argument("--no-progress", action="store_true")
 
+    em = sub.add_parser("embed", help="write the embeddings of a folder of images (npy + file list)")
+    em.add_argument("run", metavar="RUN_DIR", help="a run directory (or checkpoint)")
+    em.add_argument("--data", required=True, metavar="PATH", help="images to embed (folder or dataset)")
+    em.add_argument("--out", required=True, metavar="FILE", help="FILE.npy; FILE.files.txt lists the images "
+                    "row by row (and FILE.labels.npy holds labels when the folder has class sub-folders)")
+    em.add_argument("--split", default="train", help="which split of PATH (default train; a plain folder is "
+                    "taken whole)")
+    em.add_argument("--device", default="auto")
+    em.add_argument("--no-progress", action="store_true")
+
+    ex = sub.add_parser("export", help="write the trained backbone alone (safetensors or torchvision)")
+    ex.add_argument("run", metavar="RUN_DIR", help="a run directory (or checkpoint)")
+    ex.add_argument("--format", default="safetensors", choices=["safetensors", "torchvision"],
+                    help="safetensors: selfsup layout + metadata; torchvision: a resnet state dict + json")
+    ex.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/export)")
+
     sub.add_parser("methods", help="list the methods, one line each")
     return p
 
@@ -119,6 +135,23 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _embed(args) -> int:
+    from .evaluate.features import write_embeddings
+
+    r = write_embeddings(args.run, args.data, args.out, split=args.split, device=args.device,
+                         progress=not args.no_progress)
+    print(f"wrote {r['n']} x {r['dim']} embeddings to {r['features']} (files: {r['files']})")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export
+
+    path = export(args.run, args.format, args.out)
+    print(f"wrote {path}; load it with selfsup.load_backbone('{path}')")
+    return 0
+
+
 def _methods(args) -> int:
     from .methods import METHODS
 
@@ -140,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(format="selfsup: %(message)s", level=logging.INFO)
     args = _parser().parse_args(argv)
-    handlers = {"pretrain": _pretrain, "evaluate": _evaluate, "demo": _demo, "methods": _methods}
+    handlers = {"pretrain": _pretrain, "evaluate": _evaluate, "demo": _demo, "methods": _methods,
+                "embed": _embed, "export": _export}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError) as e:

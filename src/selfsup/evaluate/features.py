@@ -67,3 +67,29 @@ def extract_features(encoder: Encoder, images: np.ndarray, device: str | torch.d
     model = encoder.backbone.to(device).to(memory_format=torch.channels_last)
     view = AugConfig(size=encoder.spec["image_size"], mean=encoder.mean, std=encoder.std)
     return embed(model, images, view, device, encoder.precision, batch_size, encoder.input_mode)
+
+
+def write_embeddings(run: str, data: str, out: str | Path, split: str = "train", device: str = "auto",
+                     cache_dir: str | None = None, progress: bool = True) -> dict:
+    """Embed every image of ``data`` (its ``split``) with the backbone of ``run`` and write ``out``
+    (``.npy``, float32 ``(N, D)``), ``<out>.files.txt`` (row i's source file, one per line) and, for
+    labeled data, ``<out>.labels.npy``. Returns a summary dict."""
+    from ..data import load_images
+
+    out = Path(out)
+    if out.suffix != ".npy":
+        out = out.with_name(out.name + ".npy")
+    encoder = load_encoder(run)
+    images = load_images(data, split=split, image_size=encoder.spec["image_size"], cache_dir=cache_dir,
+                         progress=progress)
+    feats = extract_features(encoder, images.images, device).numpy().astype(np.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, feats)
+    files_path = out.with_suffix(".files.txt")
+    files_path.write_text("".join(f"{f}\n" for f in images.files))
+    result = {"features": str(out), "files": str(files_path), "n": len(feats), "dim": int(feats.shape[1])}
+    if len(images.labels) and (np.asarray(images.labels) >= 0).any():
+        labels_path = out.with_suffix(".labels.npy")
+        np.save(labels_path, np.asarray(images.labels, dtype=np.int64))
+        result["labels"] = str(labels_path)
+    return result

@@ -1,0 +1,94 @@
+"""The docs' results table: pretrain several methods at the same budget, evaluate each with kNN and
+the linear probe, and print one markdown table (also written to OUT/results.md and OUT/results.json).
+
+    python benchmarks/results_table.py --data ../shared/data/cifar10 --out runs/table \\
+        --backbone convnet --epochs 1 --batch-size 128
+
+Every method is trained with the same backbone, image size, batch size and number of epochs (each
+method's own preset otherwise: optimizer, lr, augmentation, method parameters), one after another in
+a fresh process (``selfsup pretrain``), then evaluated on the labeled train/test splits with
+``selfsup evaluate --protocol knn`` and ``--protocol linear``. ``random:BACKBONE`` (no training) is the
+baseline row. A method whose run and evaluations already exist in OUT is not redone, so an
+interrupted table continues where it stopped (an interrupted pretraining is resumed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CLASSIC = ["rotation", "jigsaw", "relative_location", "colorization", "inpainting", "dcgan", "bigan",
+           "deepcluster", "simclr"]
+
+
+def run(cmd: list[str]) -> float:
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="labeled folder with train/ and test/ (pretraining uses train/)")
+    ap.add_argument("--out", default="runs/table")
+    ap.add_argument("--methods", nargs="+", default=CLASSIC)
+    ap.add_argument("--backbone", default="convnet")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--k", type=int, default=200, help="kNN neighbours")
+    ap.add_argument("--no-random", action="store_true", help="skip the random-init baseline row")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    exe = [sys.executable, "-m", "selfsup"]
+    rows = ([] if args.no_random else [f"random:{args.backbone}"]) + list(args.methods)
+    for name in rows:
+        is_random = name.startswith("random:")
+        run_dir = out / ("random" if is_random else name)
+        entry = results.get(name, {})
+        if not is_random and "pretrain_s" not in entry:
+            cmd = exe + ["pretrain", "--method", name, "--data", str(Path(args.data) / "train"), "--out", str(run_dir),
+                         "--backbone", args.backbone, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                         "--image-size", str(args.image_size), "--no-progress"]
+            if (run_dir / "checkpoints" / "last.pt").exists():
+                cmd.append("--resume")
+            entry["pretrain_s"] = round(run(cmd), 1)
+        for protocol in ("knn", "linear"):
+            if protocol in entry:
+                continue
+            cmd = exe + ["evaluate", name if is_random else str(run_dir), "--protocol", protocol,
+                         "--train", args.data, "--test", args.data, "--k", str(args.k), "--no-progress"]
+            if is_random:
+                cmd += ["--out", str(run_dir / "eval"), "--image-size", str(args.image_size)]
+            run(cmd)
+            entry[protocol] = json.loads((run_dir / "eval" / f"{protocol}.json").read_text())["top1"]
+        results[name] = entry
+        results_path.write_text(json.dumps(results, indent=1))
+
+    base = results.get(f"random:{args.backbone}")
+    lines = [f"| method | kNN top-1 (k={args.k}) | linear top-1 | pretraining wall time |", "|---|---|---|---|"]
+    for name in rows:
+        e = results[name]
+        t = f"{e['pretrain_s'] / 60:.1f} min" if "pretrain_s" in e else "-"
+        mark = ""
+        if base and name != f"random:{args.backbone}" and (e["knn"] <= base["knn"] or e["linear"] <= base["linear"]):
+            mark = " (not above random init)"
+        lines.append(f"| {name}{mark} | {e['knn']:.3f} | {e['linear']:.3f} | {t} |")
+    header = (f"{args.backbone}, {args.image_size} px, batch {args.batch_size}, {args.epochs} epoch(s) over "
+              f"{Path(args.data) / 'train'}; kNN and linear probe on all training labels, test split.")
+    table = header + "\n\n" + "\n".join(lines) + "\n"
+    (out / "results.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
