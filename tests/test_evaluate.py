@@ -72,3 +72,55 @@ def test_evaluate_errors_are_clear(tiny_dataset, tmp_path):
         Image.new("RGB", (16, 16), (i * 50, 0, 0)).save(flat / f"{i}.png")
     with pytest.raises(ConfigError, match="no labels"):
         evaluate("random:convnet", "knn", str(flat), str(flat), out=tmp_path)
+
+
+def test_linear_probe_picks_weight_decay_on_a_validation_split():
+    from selfsup.evaluate.linear import stratified_split
+
+    labels = np.array([0] * 40 + [1] * 20 + [2] * 10)
+    tr, va = stratified_split(labels, 0.1, seed=0)
+    assert np.bincount(labels[va]).tolist() == [4, 2, 1] and len(np.intersect1d(tr, va)) == 0
+    assert len(tr) + len(va) == len(labels) and np.array_equal(va, stratified_split(labels, 0.1, seed=0)[1])
+    # few samples, many noisy dimensions: strong decay should win on validation over none
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 2
+    x = torch.randn(60, 200, generator=g)
+    x[:, 0] += 2.0 * (2 * y - 1)
+    r = linear_probe(x[:40], y[:40], x[40:], y[40:], num_classes=2, epochs=50)
+    assert set(r["val_top1"]) == {"0.0", "0.001", "0.01", "0.1", "1.0"}
+    assert r["val_top1"][str(r["weight_decay"])] == max(r["val_top1"].values())
+    single = linear_probe(x[:40], y[:40], x[40:], y[40:], num_classes=2, epochs=5, weight_decays=(1e-4,))
+    assert single["weight_decay"] == 1e-4 and single["val_top1"] == {}
+
+
+def test_retrieval_scores_match_hand_computation():
+    from selfsup.evaluate.retrieval import retrieval_scores
+
+    gallery = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    gl = torch.tensor([0, 1, 0, 1])
+    q = torch.tensor([[1.0, 0.05]])
+    # ranking by cosine: idx 0 (label 0), 1 (1), 2 (0), 3 (1); query label 0 -> relevant at ranks 1 and 3
+    r = retrieval_scores(gallery, gl, q, torch.tensor([0]), ks=(1, 2, 4))
+    assert r["precision@1"] == 1.0 and r["precision@2"] == 0.5 and r["precision@4"] == 0.5
+    assert r["map"] == pytest.approx((1 / 1 + 2 / 3) / 2)
+
+
+def test_stage_grid_caps_the_probe_size():
+    from selfsup.evaluate.features import stage_grid
+
+    assert stage_grid(64, 32, 2048) == 5 and 64 * 25 <= 2048
+    assert stage_grid(512, 4, 2048) == 2 and stage_grid(4096, 4, 2048) == 1 and stage_grid(3, 2, 2048) == 2
+
+
+def test_layers_and_retrieval_protocols_write_json(tiny_dataset, tmp_path):
+    out = tmp_path / "eval"
+    r = evaluate("random:convnet", "layers", str(tiny_dataset), str(tiny_dataset), out=out, image_size=16,
+                 progress=False)
+    saved = json.loads((out / "layers.json").read_text())
+    assert list(saved["layers"]) == ["block1", "block2", "block3", "block4"]
+    assert saved["top1"] == max(v["top1"] for v in saved["layers"].values()) == r["top1"]
+    assert all(v["dim"] <= 2048 for v in saved["layers"].values())
+    r = evaluate("random:convnet", "retrieval", str(tiny_dataset), str(tiny_dataset), out=out, image_size=16,
+                 progress=False)
+    saved = json.loads((out / "retrieval.json").read_text())
+    assert saved["top1"] == saved["precision@1"] and 0 <= saved["map"] <= 1 and "precision@20" in saved

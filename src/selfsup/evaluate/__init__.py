@@ -1,8 +1,18 @@
-"""Downstream evaluation of frozen backbones: kNN and linear probe.
+"""Downstream evaluation of frozen backbones.
 
 ``evaluate(run, protocol, train, test)`` embeds the labeled ``train`` and ``test`` data with the
 run's backbone (or ``random:BACKBONE``, the untrained baseline), runs the protocol and writes
 ``<out>/<protocol>.json`` (default ``RUN_DIR/eval/``) holding at least ``{"top1": ...}``.
+
+Protocols:
+
+* ``knn``: weighted kNN (k=200, T=0.1) on pooled features (``knn.py``).
+* ``linear``: linear probe on standardised pooled features, weight decay chosen on a validation
+  split of train (``linear.py``).
+* ``layers``: one linear probe per stage of the backbone on its pooled map (the survey's
+  conv1..conv5 tables); ``top1`` is the best stage's, ``layers`` holds every stage's.
+* ``retrieval``: test images query the training images; precision@k and mAP by label
+  (``retrieval.py``); ``top1`` is precision@1.
 """
 
 from __future__ import annotations
@@ -19,9 +29,11 @@ from ..config import ConfigError
 from ..data import CachedImages, load_images
 from .features import Encoder, extract_features, load_encoder
 from .knn import knn_predict, knn_top1
+from .features import extract_stage_features
 from .linear import linear_probe
+from .retrieval import retrieval_scores
 
-PROTOCOLS = ("knn", "linear")
+PROTOCOLS = ("knn", "linear", "layers", "retrieval")
 log = logging.getLogger("selfsup")
 
 
@@ -64,16 +76,30 @@ def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | N
     if tr.classes != te.classes:
         log.warning("train and test class lists differ: %s vs %s", tr.classes, te.classes)
     num_classes = max(tr.num_classes, te.num_classes)
-    ftr = extract_features(encoder, tr.images, device)
-    fte = extract_features(encoder, te.images, device)
     ytr, yte = torch.from_numpy(tr.labels).long(), torch.from_numpy(te.labels).long()
     result = {"protocol": protocol, "run": run, "train": train, "test": test, "n_train": len(tr),
               "n_test": len(te), "num_classes": num_classes, "labels_per_class": labels_per_class,
               "backbone": encoder.spec}
-    if protocol == "knn":
-        result.update(top1=knn_top1(ftr, ytr, fte, yte, num_classes, k, temperature), k=k, temperature=temperature)
+    if protocol == "layers":
+        str_, ste = extract_stage_features(encoder, tr.images, device), extract_stage_features(encoder, te.images, device)
+        layers = {}
+        for name in str_:
+            r = linear_probe(str_[name], ytr, ste[name], yte, num_classes, epochs=30, seed=seed)
+            layers[name] = {"top1": r["top1"], "dim": int(str_[name].shape[1]), "weight_decay": r["weight_decay"]}
+            log.info("layers: %s (%d features) top-1 %.4f", name, layers[name]["dim"], r["top1"])
+        best = max(layers, key=lambda n: layers[n]["top1"])
+        result.update(top1=layers[best]["top1"], best_layer=best, layers=layers)
     else:
-        result.update(linear_probe(ftr, ytr, fte, yte, num_classes, seed=seed))
+        ftr = extract_features(encoder, tr.images, device)
+        fte = extract_features(encoder, te.images, device)
+        if protocol == "knn":
+            result.update(top1=knn_top1(ftr, ytr, fte, yte, num_classes, k, temperature), k=k,
+                          temperature=temperature)
+        elif protocol == "linear":
+            result.update(linear_probe(ftr, ytr, fte, yte, num_classes, seed=seed))
+        else:
+            r = retrieval_scores(ftr, ytr, fte, yte)
+            result.update(top1=r["precision@1"], **r)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,5 +107,5 @@ def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | N
     return result
 
 
-__all__ = ["PROTOCOLS", "Encoder", "balanced_subset", "evaluate", "extract_features", "knn_predict",
-           "knn_top1", "linear_probe", "load_encoder"]
+__all__ = ["PROTOCOLS", "Encoder", "balanced_subset", "evaluate", "extract_features", "extract_stage_features",
+           "knn_predict", "knn_top1", "linear_probe", "load_encoder", "retrieval_scores"]

@@ -69,6 +69,38 @@ def extract_features(encoder: Encoder, images: np.ndarray, device: str | torch.d
     return embed(model, images, view, device, encoder.precision, batch_size, encoder.input_mode)
 
 
+def stage_grid(channels: int, spatial: int, max_dim: int) -> int:
+    """Side of the average-pooling grid of a stage's map for the layer-wise probes: the largest
+    ``s <= spatial`` with ``channels * s * s <= max_dim`` (at least 1), so early, narrow stages keep some
+    spatial layout (as the survey's conv1..conv5 probes do) and every probe has at most ``max_dim``
+    inputs."""
+    s = max(1, int((max_dim / channels) ** 0.5))
+    return min(s, spatial)
+
+
+@torch.no_grad()
+def extract_stage_features(encoder: Encoder, images: np.ndarray, device: str | torch.device = "auto",
+                           max_dim: int = 2048, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Features of every stage of the backbone, ``{stage_name: (N, C * s * s)}``: each stage's map
+    average-pooled to an ``s x s`` grid (see :func:`stage_grid`), float32 on the CPU."""
+    from ..data.views import eval_input
+    from ..runtime import autocast
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    model = encoder.backbone.to(device).to(memory_format=torch.channels_last).eval()
+    view = AugConfig(size=encoder.spec["image_size"], mean=encoder.mean, std=encoder.std)
+    names = model.stage_names
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device)
+        with autocast(device, encoder.precision):
+            maps = model.forward_stages(eval_input(x, view, encoder.input_mode))
+        for name, m in zip(names, maps):
+            s = stage_grid(m.shape[1], m.shape[-1], max_dim)
+            out[name].append(torch.nn.functional.adaptive_avg_pool2d(m.float(), s).flatten(1).cpu())
+    return {n: torch.cat(v) for n, v in out.items()}
+
+
 def write_embeddings(run: str, data: str, out: str | Path, split: str = "train", device: str = "auto",
                      cache_dir: str | None = None, progress: bool = True) -> dict:
     """Embed every image of ``data`` (its ``split``) with the backbone of ``run`` and write ``out``
