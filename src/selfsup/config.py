@@ -68,6 +68,7 @@ class TrainConfig:
     channels_last: bool = True
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
     log_every: int = 20  # steps between rows of metrics.csv
+    sync_bn: bool = False  # distributed runs: SyncBatchNorm (batch statistics over all processes; CUDA)
 
 
 @dataclass

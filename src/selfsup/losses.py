@@ -16,14 +16,25 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
         l(i, j) = -log( exp(sim(z_i, z_j)/t) / sum_{k != i} exp(sim(z_i, z_k)/t) )
 
     with cosine similarity ``sim``; the loss is the mean of ``l`` over all 2N anchors.
+
+    Distributed training (``selfsup.distributed``): the anchors are this process's 2n views and the
+    candidates the global batch's 2N views, all-gathered with gradients; the mean of this loss over
+    processes is the single-process loss of the global batch, and so are the averaged gradients.
     """
+    from .distributed import gather, rank
+
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"nt_xent expects two (N, D) tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    logits = z @ z.t() / temperature
-    logits.fill_diagonal_(float("-inf"))  # k != i
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    anchors = torch.cat([z1, z2])  # (2n, D), local
+    candidates = torch.cat([gather(z1), gather(z2)])  # (2N, D), global: [views 1 of all; views 2 of all]
+    big_n = candidates.shape[0] // 2
+    offset = rank() * n
+    mine = torch.cat([torch.arange(offset, offset + n), torch.arange(big_n + offset, big_n + offset + n)]).to(z1.device)
+    logits = anchors @ candidates.t() / temperature
+    logits[torch.arange(2 * n, device=z1.device), mine] = float("-inf")  # k != i
+    targets = torch.cat([mine[n:], mine[:n]])  # the other view of the same image
     return F.cross_entropy(logits, targets)
 
 

@@ -48,6 +48,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from . import distributed
 from .config import Config, ConfigError, finalize, load_config, save_config, update_dataclass
 from .data import CachedImages, load_images
 from .methods import Method, get_method
@@ -95,10 +96,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def step_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
-    """The augmentation RNG of one step: a pure function of (seed, step)."""
+def step_generator(device: torch.device, seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The augmentation RNG of one step: a pure function of (seed, step) (and of the process rank in
+    distributed training, so that processes draw different views of their different images)."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step) % (2**63))
+    g.manual_seed((seed * 1_000_003 + step + rank * 0x9E3779B97F4A7C1) % (2**63))
     return g
 
 
@@ -115,7 +117,7 @@ class BatchStream:
     """
 
     def __init__(self, images: np.ndarray, batch_size: int, seed: int, device: torch.device,
-                 order_fn=None) -> None:
+                 order_fn=None, rank: int = 0, world_size: int = 1) -> None:
         n = len(images)
         if n < batch_size:
             raise ConfigError(f"the data has {n} images, fewer than one batch of {batch_size}; "
@@ -123,6 +125,9 @@ class BatchStream:
         self.images, self.batch_size, self.seed, self.device = images, batch_size, seed, device
         self.order_fn = order_fn  # Method.epoch_order: (epoch, generator, n) -> indices or None
         self.steps_per_epoch = n // batch_size
+        # distributed: every process walks the same global order and loads its contiguous slice
+        self.rank, self.world_size = rank, world_size
+        self.local_batch = batch_size // world_size
 
     def order(self, epoch: int) -> np.ndarray:
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
@@ -145,7 +150,8 @@ class BatchStream:
     def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
         order = self.order(epoch)
         b = self.batch_size
-        chunks = [order[i * b:(i + 1) * b] for i in range(start, self.steps_per_epoch)]
+        lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
+        chunks = [order[i * b:(i + 1) * b][lo:hi] for i in range(start, self.steps_per_epoch)]
         if not chunks:
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -210,22 +216,34 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
                  data: CachedImages | None = None) -> None:
-        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.cfg, self.run_dir = cfg, Path(run_dir)
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
-        self.device = resolve_device(cfg.train.device)
+        self.rank, self.world_size, device = distributed.setup(cfg.train.device)
+        self.is_main = self.rank == 0  # only rank 0 writes checkpoints, metrics and figures
+        self.progress = progress and self.is_main
+        self.device = resolve_device(device)
+        if cfg.train.batch_size % self.world_size:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be divisible by "
+                              f"the {self.world_size} processes")
 
         if data is None:
             if not cfg.data.path:
                 raise ConfigError("no training data: pass --data PATH or --dataset NAME")
             data = load_images(cfg.data.path, split=cfg.data.split, image_size=cfg.data.image_size,
-                               cache_dir=cfg.data.cache_dir, download=cfg.data.download, progress=progress)
+                               cache_dir=cfg.data.cache_dir, download=cfg.data.download, progress=self.progress)
         self.data = data
         torch.manual_seed(cfg.train.seed)
         self.method: Method = get_method(cfg.method)(cfg).to(self.device)
         if cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
+        if self.world_size > 1:
+            if cfg.train.sync_bn:
+                if self.device.type != "cuda":
+                    raise ConfigError("train.sync_bn=true needs CUDA (torch's SyncBatchNorm); on CPU leave it off")
+                self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+            distributed.broadcast_module(self.method)
         self.stream = BatchStream(data.images, cfg.train.batch_size, cfg.train.seed, self.device,
-                                  order_fn=self.method.epoch_order)
+                                  order_fn=self.method.epoch_order, rank=self.rank, world_size=self.world_size)
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
 
@@ -239,9 +257,13 @@ class Trainer:
         self.elapsed = 0.0
         self._stop_signal: int | None = None
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self._restore()
+        if not self.is_main:
+            self.metrics = None
+            return
         save_config(cfg, self.run_dir / "config.yaml")
         self.metrics = MetricsLog(self.run_dir / "metrics.csv", keep_until_step=self.step if resume else None)
         if data.skipped:
@@ -266,7 +288,8 @@ class Trainer:
         }
 
     def save(self) -> None:
-        atomic_torch_save(self.state(), self.ckpt_path)
+        if self.is_main:
+            atomic_torch_save(self.state(), self.ckpt_path)
 
     def _restore(self) -> None:
         if not self.ckpt_path.exists():
@@ -297,13 +320,14 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         self.method.train()
-        batch = self.method.prepare(images, step_generator(self.device, self.cfg.train.seed, step))
+        batch = self.method.prepare(images, step_generator(self.device, self.cfg.train.seed, step, self.rank))
         phases = self.method.phases
         if len(phases) == 1:
             with autocast(self.device, self.cfg.train.precision):
                 out = self.method.training_step(batch)
             self.optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
+            self._sync(self.optimizer)
             self.optimizer.step()
             self.method.after_step(step, self.total_steps)
             return {k: v.detach() for k, v in out.items()}
@@ -314,12 +338,18 @@ class Trainer:
                 out = self.method.phase_step(batch, phase)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
+            self._sync(opt)
             opt.step()
             for k, v in out.items():
                 logged[f"loss_{phase}" if k == "loss" else k] = v.detach()
         logged["loss"] = sum(logged[f"loss_{p}"] for p in phases)
         self.method.after_step(step, self.total_steps)
         return {"loss": logged.pop("loss"), **logged}
+
+    def _sync(self, opt: torch.optim.Optimizer) -> None:
+        """Distributed: average this optimizer's gradients over processes (see distributed.py)."""
+        if self.world_size > 1:
+            distributed.sync_gradients([p for g in opt.param_groups for p in g["params"]])
 
     def health(self) -> dict[str, float]:
         """Collapse indicators of the backbone's features on the fixed subset (see monitor.py)."""
@@ -366,7 +396,7 @@ class Trainer:
                         lr = self.set_lr(self.step)
                         out = self.train_step(images, self.step)
                         loss = float(out["loss"])
-                        if not math.isfinite(loss):
+                        if distributed.any_flag(not math.isfinite(loss), self.device):
                             self._non_finite(loss, epoch)
                         self.step += 1
                         self.elapsed += time.perf_counter() - t0
@@ -374,7 +404,7 @@ class Trainer:
                             window[k] = window.get(k, 0.0) + float(v)
                         window_steps += 1
                         end_of_epoch = self.step % self.steps_per_epoch == 0
-                        if self.step % cfg.train.log_every == 0 or end_of_epoch:
+                        if self.is_main and (self.step % cfg.train.log_every == 0 or end_of_epoch):
                             dt = time.perf_counter() - window_start
                             row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
                                    **{k: round(v / window_steps, 6) for k, v in window.items()},
@@ -394,13 +424,14 @@ class Trainer:
                         bar.update(1)
                         if self.step % cfg.train.ckpt_every == 0 or self.step == self.total_steps:
                             self.save()
-                        if self._stop_signal is not None:
+                        if distributed.any_flag(self._stop_signal is not None, self.device):
                             if self.step % cfg.train.ckpt_every != 0 and self.step != self.total_steps:
                                 self.save()
-                            raise TrainingInterrupted(self._stop_signal, self.step, self.ckpt_path)
+                            raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, self.step, self.ckpt_path)
         finally:
             bar.close()
-        self.draw_figures()
+        if self.is_main:
+            self.draw_figures()
         return self.run_dir
 
     def draw_figures(self) -> list[Path]:

@@ -30,6 +30,7 @@ from ..data.views import two_views
 from ..heads import MLP
 from ..monitor import normalized_std
 from ..losses import barlow_twins_loss, cross_correlation
+from ..distributed import gather
 from .base import Method
 
 
@@ -61,6 +62,7 @@ class BarlowTwins(Method):
     def training_step(self, x):
         x1, x2 = x.chunk(2)
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        z1, z2 = gather(z1), gather(z2)  # distributed: C is computed over the global batch (identity otherwise)
         loss = self.hp.scale_loss * barlow_twins_loss(z1, z2, self.hp.lambd)
         with torch.no_grad():  # mean of C_ii: how invariant the embedding dimensions are (1 is perfect)
             diag = torch.diagonal(cross_correlation(z1, z2)).mean()

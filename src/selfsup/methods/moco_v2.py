@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ..data.views import two_views
 from ..ema import cosine_momentum, ema_update, frozen_copy
 from ..losses import infonce
+from ..distributed import gather
 from .base import Method
 
 
@@ -107,5 +108,5 @@ class MoCoV2(Method):
         ema_update(self.key_backbone, self.backbone, m)
         ema_update(self.key_projector, self.projector, m)
         if self._new_keys is not None:
-            self.enqueue(self._new_keys)
+            self.enqueue(gather(self._new_keys))  # distributed: every process enqueues the global batch's keys
             self._new_keys = None

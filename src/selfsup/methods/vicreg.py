@@ -28,6 +28,7 @@ from ..data.views import two_views
 from ..heads import MLP
 from ..monitor import normalized_std
 from ..losses import vicreg_loss
+from ..distributed import gather
 from .base import Method
 
 
@@ -60,5 +61,6 @@ class VICReg(Method):
     def training_step(self, x):
         x1, x2 = x.chunk(2)
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        z1, z2 = gather(z1), gather(z2)  # distributed: variance and covariance over the global batch
         loss, parts = vicreg_loss(z1, z2, self.hp.sim_weight, self.hp.var_weight, self.hp.cov_weight)
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}, "z_std": normalized_std(z1)}
