@@ -1,4 +1,4 @@
-"""Command line: ``selfsup {pretrain,evaluate,embed,export,demo,methods}``. Thin: parses arguments, calls the API."""
+"""Command line: ``selfsup {pretrain,evaluate,embed,export,report,compare,demo,methods}``. Thin: parses arguments, calls the API."""
 
 from __future__ import annotations
 
@@ -50,11 +50,22 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--protocol", required=True, choices=PROTOCOLS)
     ev.add_argument("--train", required=True, metavar="PATH", help="labeled training data (its train split)")
     ev.add_argument("--test", required=True, metavar="PATH", help="labeled test data (its test split)")
-    ev.add_argument("--out", metavar="DIR", help="where <protocol>.json goes (default RUN_DIR/eval)")
+    ev.add_argument("--out", metavar="DIR", help="where <protocol>.json goes (default RUN_DIR/eval; "
+                    "<protocol>_<fraction>.json for finetune/pseudolabel/fixmatch)")
     ev.add_argument("--labels-per-class", type=int, help="train on this many labels per class (fixed seed)")
     ev.add_argument("--image-size", type=int, help="for random:BACKBONE: input size (default 32)")
     ev.add_argument("--k", type=int, default=200, help="kNN: neighbours (default 200)")
     ev.add_argument("--temperature", type=float, default=0.1, help="kNN: vote temperature (default 0.1)")
+    ev.add_argument("--fraction", type=float, help="finetune/pseudolabel/fixmatch: fraction of the training "
+                    "labels, class-balanced, fixed seed, e.g. 0.01, 0.1, 1.0 (default 1.0)")
+    ev.add_argument("--epochs", type=int, help="finetune/pseudolabel/fixmatch: passes over the labeled (finetune) "
+                    "or unlabeled images (default 30, but 500 to 10,000 steps)")
+    ev.add_argument("--batch-size", type=int, help="finetune/pseudolabel/fixmatch: labeled batch (default 64)")
+    ev.add_argument("--lr", type=float, help="finetune/pseudolabel/fixmatch: the head's SGD lr (default 0.03; "
+                    "a pretrained backbone gets 0.1x)")
+    ev.add_argument("--mu", type=int, help="pseudolabel/fixmatch: unlabeled images per labeled one in a batch "
+                    "(default 7)")
+    ev.add_argument("--threshold", type=float, help="fixmatch: confidence threshold of pseudo-labels (default 0.95)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--no-progress", action="store_true")
@@ -81,6 +92,23 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", default="safetensors", choices=["safetensors", "torchvision"],
                     help="safetensors: selfsup layout + metadata; torchvision: a resnet state dict + json")
     ex.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/export)")
+
+    rp = sub.add_parser("report", help="write RUN_DIR/report.html: curves, views, filters, t-SNE, neighbours, "
+                        "the method's pictures, evaluations")
+    rp.add_argument("run", metavar="RUN_DIR")
+    rp.add_argument("--data", metavar="PATH", help="labeled data for the embedding pictures (test split = queries, "
+                    "train split = gallery); default: the run's training data")
+    rp.add_argument("--out", metavar="FILE", help="default RUN_DIR/report.html")
+    rp.add_argument("--device", default="auto")
+
+    cp = sub.add_parser("compare", help="one table (markdown, CSV, HTML) and pictures side by side across runs")
+    cp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or evaluation-only directories, "
+                    "e.g. the --out of `selfsup evaluate random:BACKBONE`)")
+    cp.add_argument("--protocols", nargs="+", help="columns to keep (e.g. knn linear finetune); default all found")
+    cp.add_argument("--out", default="runs/compare", metavar="DIR", help="where compare.{md,csv,html} go")
+    cp.add_argument("--data", metavar="PATH", help="labeled data for the embedding pictures (as for report)")
+    cp.add_argument("--no-pictures", action="store_true", help="tables only")
+    cp.add_argument("--device", default="auto")
 
     sub.add_parser("methods", help="list the methods, one line each")
     return p
@@ -117,6 +145,10 @@ def _pretrain(args) -> int:
         cfg = build_config(args.method, overrides)
         if not cfg.data.path:
             raise ConfigError("no training data: pass --data PATH or --dataset NAME")
+        from .distributed import launched_with_torchrun
+
+        if launched_with_torchrun() and not args.out:
+            raise ConfigError("under torchrun, pass --out RUN_DIR (every process must agree on the run directory)")
         out = args.out or f"runs/{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = pretrain(cfg, out, resume=args.resume, progress=not args.no_progress)
     print(f"done: {run_dir} (checkpoint {Path(run_dir) / 'checkpoints' / 'last.pt'})")
@@ -124,14 +156,17 @@ def _pretrain(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, result_name
 
     r = evaluate(args.run, args.protocol, args.train, args.test, out=args.out,
                  labels_per_class=args.labels_per_class, image_size=args.image_size, k=args.k,
-                 temperature=args.temperature, device=args.device, seed=args.seed, progress=not args.no_progress)
+                 temperature=args.temperature, device=args.device, seed=args.seed, progress=not args.no_progress,
+                 fraction=args.fraction, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mu=args.mu,
+                 threshold=args.threshold)
     dest = Path(args.out) if args.out else Path(args.run) / "eval"
-    print(f"{args.protocol} top-1: {r['top1']:.4f}  ({r['n_train']} train / {r['n_test']} test images; "
-          f"written to {dest / (args.protocol + '.json')})")
+    n_train = f"{r['n_labeled']} labeled" if "n_labeled" in r else str(r["n_train"])
+    print(f"{args.protocol} top-1: {r['top1']:.4f}  ({n_train} train / {r['n_test']} test images; "
+          f"written to {dest / result_name(args.protocol, args.fraction)})")
     return 0
 
 
@@ -152,12 +187,31 @@ def _export(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.run, data=args.data, out=args.out, device=args.device)
+    print(f"wrote {path}")
+    return 0
+
+
+def _compare(args) -> int:
+    from .report import compare
+
+    paths = compare(args.runs, args.out, protocols=args.protocols, data=args.data, pictures=not args.no_pictures,
+                    device=args.device)
+    print(paths["md"].read_text(), end="")
+    print(f"wrote {paths['md']}, {paths['csv']}, {paths['html']}")
+    return 0
+
+
 def _methods(args) -> int:
     from .methods import METHODS
 
     width = max(len(n) for n in METHODS)
+    fam = max(len(m.family) for m in METHODS.values()) + 2
     for name, m in METHODS.items():
-        print(f"{name:<{width}}  [{m.family}]  {m.summary}")
+        print(f"{name:<{width}}  {'[' + m.family + ']':<{fam}}  {m.summary}")
     return 0
 
 
@@ -174,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="selfsup: %(message)s", level=logging.INFO)
     args = _parser().parse_args(argv)
     handlers = {"pretrain": _pretrain, "evaluate": _evaluate, "demo": _demo, "methods": _methods,
-                "embed": _embed, "export": _export}
+                "embed": _embed, "export": _export, "report": _report, "compare": _compare}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError) as e:

@@ -74,6 +74,9 @@ __all__ = [
     "grayscale",
     "gaussian_blur",
     "solarize",
+    "augment_input",
+    "sample_cutout_boxes",
+    "cutout",
 ]
 
 # ITU-R BT.601 luma weights.
@@ -421,6 +424,49 @@ def eval_input(images: Tensor, cfg: AugConfig, mode: str = "rgb") -> Tensor:
     raise ValueError(f"unknown input mode '{mode}'; choose one of {', '.join(INPUT_CHANNELS)}")
 
 
+def augment_input(images: Tensor, cfg: AugConfig, generator: torch.Generator, mode: str = "rgb") -> Tensor:
+    """A random view of each image as the input of a backbone trained on ``mode`` (the training-time
+    counterpart of :func:`eval_input`): ``"rgb"`` is :func:`augment`; ``"lab_l"`` augments in RGB
+    (``cfg``'s colour ops included, its mean/std ignored) and returns the L channel scaled to [-1, 1]."""
+    if mode == "rgb":
+        return augment(images, cfg, generator)
+    if mode == "lab_l":
+        from .color import lightness
+
+        x = augment(images, dataclasses.replace(cfg, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)), generator)
+        return lightness(x).contiguous(memory_format=torch.channels_last)
+    raise ValueError(f"unknown input mode '{mode}'; choose one of {', '.join(INPUT_CHANNELS)}")
+
+
+def sample_cutout_boxes(n: int, height: int, width: int, side: tuple[float, float], generator: torch.Generator,
+                        device: torch.device | str) -> Tensor:
+    """Cutout squares ``(top, left, side)`` in pixels, int64 ``(n, 3)``: the side a uniform fraction
+    ``side`` of the image's shorter side (rounded, at least 1 px), placed uniformly inside the image."""
+    u = _rand((n, 3), generator, device)
+    short = min(height, width)
+    s = (side[0] + (side[1] - side[0]) * u[:, 0]) * short
+    s = s.add_(0.5).floor_().clamp_(1, short).long()
+    top = (u[:, 1] * (height - s + 1)).long().clamp_max_(height - s)
+    left = (u[:, 2] * (width - s + 1)).long().clamp_max_(width - s)
+    return torch.stack([top, left, s], dim=1)
+
+
+def cutout(x: Tensor, boxes: Tensor, fill: float = 0.0, *, out: Tensor | None = None) -> Tensor:
+    """Cutout (DeVries & Taylor 2017): set one square per image, ``boxes`` ``(top, left, side)`` in
+    pixels (see :func:`sample_cutout_boxes`), to ``fill`` in every channel. One whole-batch mask; on a
+    normalised view ``fill=0`` is the dataset's mean colour."""
+    height, width = x.shape[-2:]
+    top, left, side = (v.view(-1, 1, 1, 1) for v in boxes.to(x.device).unbind(1))
+    ys = torch.arange(height, device=x.device).view(1, 1, height, 1)
+    xs = torch.arange(width, device=x.device).view(1, 1, 1, width)
+    inside = (ys >= top) & (ys < top + side) & (xs >= left) & (xs < left + side)
+    if out is None:
+        out = x.clone()  # keeps the memory format
+    elif out is not x:
+        out.copy_(x)
+    return out.masked_fill_(inside, fill)
+
+
 def two_views(images: Tensor, cfg: AugConfig, generator: torch.Generator,
               view2_blur_p: float | None = None, view2_solarize_p: float | None = None) -> Tensor:
     """Two views of each image, concatenated ``[x1; x2]`` (``2B`` images): view 1 with ``cfg``, view 2
@@ -430,3 +476,23 @@ def two_views(images: Tensor, cfg: AugConfig, generator: torch.Generator,
     x1 = augment(images, cfg, generator)
     x2 = augment(images, dataclasses.replace(cfg, **changes) if changes else cfg, generator)
     return torch.cat([x1, x2])
+
+
+def multi_crop(images: Tensor, cfg: AugConfig, generator: torch.Generator, n_global: int = 2, n_local: int = 6,
+               global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
+               local_size: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Multi-crop views (SwAV, Caron et al. 2020, Sec. 3.2; DINO): ``n_global`` views at ``cfg.size``
+    from crops of ``global_scale`` of the image and ``n_local`` views at ``local_size`` (default
+    ``cfg.size * 3 // 7`` rounded down to a multiple of 4, i.e. 96 of 224 px, 12 of 32 px) from crops of
+    ``local_scale``.
+    Returns ``(globals, locals)``, each concatenated view-major: ``globals[v * B + i]`` is view ``v`` of
+    image ``i`` (``locals`` is None when ``n_local == 0``)."""
+    if n_global < 1 or n_local < 0:
+        raise ValueError(f"multi_crop needs n_global >= 1 and n_local >= 0, got {n_global} and {n_local}")
+    gcfg = dataclasses.replace(cfg, crop_scale=tuple(global_scale))
+    glob = torch.cat([augment(images, gcfg, generator) for _ in range(n_global)])
+    if n_local == 0:
+        return glob, None
+    size = local_size or max(8, cfg.size * 3 // 7 // 4 * 4)
+    lcfg = dataclasses.replace(cfg, crop_scale=tuple(local_scale), size=size)
+    return glob, torch.cat([augment(images, lcfg, generator) for _ in range(n_local)])

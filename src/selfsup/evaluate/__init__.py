@@ -13,6 +13,20 @@ Protocols:
   conv1..conv5 tables); ``top1`` is the best stage's, ``layers`` holds every stage's.
 * ``retrieval``: test images query the training images; precision@k and mAP by label
   (``retrieval.py``); ``top1`` is precision@1.
+* ``robustness``: the clean linear probe on corrupted test images, 10 corruptions x 5 severities
+  (``corruptions.py``, ``robustness.py``); ``top1`` is the mean corrupted accuracy.
+
+Protocols that train the backbone, on a class-balanced ``fraction`` of the training labels
+(:func:`fraction_subset`: the same subset for every method and call); they write
+``<out>/<protocol>_<fraction>.json`` (e.g. ``finetune_0.01.json``) with ``top1``, ``fraction``,
+``n_labeled``, ``epochs``, ``steps``, ``seconds``:
+
+* ``finetune``: backbone + linear head fine-tuned on the labeled fraction (``finetune.py``);
+  ``random:BACKBONE`` with fraction 1 is the supervised-from-scratch baseline.
+* ``pseudolabel``: Pseudo-Label (Lee 2013) with the rest of the training set as unlabeled images
+  (``semi.py``).
+* ``fixmatch``: FixMatch (Sohn et al. 2020), likewise; also reports the mask rate and the
+  pseudo-labels' accuracy (from the true labels, for logging only) (``semi.py``).
 """
 
 from __future__ import annotations
@@ -32,8 +46,11 @@ from .knn import knn_predict, knn_top1
 from .features import extract_stage_features
 from .linear import linear_probe
 from .retrieval import retrieval_scores
+from .semi import PROTOCOLS as FRACTION_PROTOCOLS
+from .semi import fraction_protocol
 
-PROTOCOLS = ("knn", "linear", "layers", "retrieval")
+PROTOCOLS = ("knn", "linear", "layers", "retrieval", "robustness") + FRACTION_PROTOCOLS
+ROBUSTNESS_MAX_TEST = 2000  # test images per corruption and severity (class-balanced, fixed seed)
 log = logging.getLogger("selfsup")
 
 
@@ -47,6 +64,29 @@ def balanced_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.nda
     return np.sort(np.concatenate(idx)) if idx else np.zeros(0, dtype=np.int64)
 
 
+def fraction_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Indices (sorted) of a class-balanced ``fraction`` of the labeled samples: of every class,
+    ``round(fraction * its count)`` (half up, at least 1) drawn with a fixed seed. The draw depends
+    only on the labels and the seed, so every method gets the same subset, and a smaller fraction's
+    subset is contained in a larger one's."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
+    rng = np.random.default_rng(seed)
+    idx = []
+    for c in np.unique(labels[labels >= 0]):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        idx.append(members[:max(1, int(np.floor(fraction * len(members) + 0.5)))])
+    return np.sort(np.concatenate(idx)) if idx else np.zeros(0, dtype=np.int64)
+
+
+def result_name(protocol: str, fraction: float | None = None) -> str:
+    """The json file a protocol writes: ``<protocol>.json``, ``<protocol>_<fraction>.json`` for the
+    fraction protocols."""
+    if protocol in FRACTION_PROTOCOLS:
+        return f"{protocol}_{1.0 if fraction is None else fraction:g}.json"
+    return f"{protocol}.json"
+
+
 def _labeled(spec: str, split: str, image_size: int, cache_dir: str | None, progress: bool) -> CachedImages:
     data = load_images(spec, split=split, image_size=image_size, cache_dir=cache_dir, progress=progress)
     if data.num_classes == 0 or (data.labels < 0).all():
@@ -58,10 +98,27 @@ def _labeled(spec: str, split: str, image_size: int, cache_dir: str | None, prog
 def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | None = None,
              labels_per_class: int | None = None, image_size: int | None = None, k: int = 200,
              temperature: float = 0.1, device: str = "auto", seed: int = 0, cache_dir: str | None = None,
-             progress: bool = True, encoder: Encoder | None = None) -> dict:
-    """Run one protocol and write its json; returns the result dict."""
+             progress: bool = True, encoder: Encoder | None = None, fraction: float | None = None,
+             epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
+             mu: int | None = None, threshold: float | None = None) -> dict:
+    """Run one protocol and write its json; returns the result dict. ``fraction`` (default 1),
+    ``epochs``, ``batch_size``, ``lr`` and, for the semi-supervised ones, ``mu`` and ``threshold``
+    (fixmatch) apply to the fraction protocols; None keeps their defaults (``finetune.py``, ``semi.py``)."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol '{protocol}'; choose one of: {', '.join(PROTOCOLS)}")
+    if protocol in FRACTION_PROTOCOLS:
+        fraction = 1.0 if fraction is None else float(fraction)
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"--fraction must be in (0, 1], got {fraction}")
+        if labels_per_class:
+            raise ConfigError(f"{protocol} takes --fraction, not --labels-per-class")
+        if protocol != "fixmatch" and threshold is not None:
+            raise ConfigError("--threshold applies to fixmatch only")
+        if protocol == "finetune" and mu is not None:
+            raise ConfigError("--mu applies to pseudolabel and fixmatch only")
+    elif any(v is not None for v in (fraction, epochs, batch_size, lr, mu, threshold)):
+        raise ConfigError(f"--fraction/--epochs/--batch-size/--lr/--mu/--threshold apply to the "
+                          f"{', '.join(FRACTION_PROTOCOLS)} protocols, not {protocol}")
     if out is None:
         if run.startswith("random:"):
             raise ConfigError("for a random:BACKBONE baseline, say where the result goes with --out DIR")
@@ -80,7 +137,14 @@ def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | N
     result = {"protocol": protocol, "run": run, "train": train, "test": test, "n_train": len(tr),
               "n_test": len(te), "num_classes": num_classes, "labels_per_class": labels_per_class,
               "backbone": encoder.spec}
-    if protocol == "layers":
+    if protocol in FRACTION_PROTOCOLS:
+        options = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, mu=mu,
+                                         threshold=threshold).items() if v is not None}
+        r, _ = fraction_protocol(protocol, encoder, tr.images, tr.labels, fraction_subset(tr.labels, fraction, seed),
+                                 te.images, te.labels, num_classes, device=device, seed=seed, **options)
+        result.update(fraction=fraction, **r)
+        log.info("%s (fraction %g: %d labels): top-1 %.4f", protocol, fraction, r["n_labeled"], r["top1"])
+    elif protocol == "layers":
         str_, ste = extract_stage_features(encoder, tr.images, device), extract_stage_features(encoder, te.images, device)
         layers = {}
         for name in str_:
@@ -95,6 +159,14 @@ def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | N
         if protocol == "knn":
             result.update(top1=knn_top1(ftr, ytr, fte, yte, num_classes, k, temperature), k=k,
                           temperature=temperature)
+        elif protocol == "robustness":
+            from .robustness import robustness
+
+            idx = np.arange(len(te))
+            if len(te) > ROBUSTNESS_MAX_TEST:
+                idx = balanced_subset(te.labels, max(1, ROBUSTNESS_MAX_TEST // num_classes), seed)
+            result.update(robustness(encoder, ftr, ytr, te.images[idx], yte[torch.from_numpy(idx)], num_classes,
+                                     device, seed), n_test=len(idx))
         elif protocol == "linear":
             result.update(linear_probe(ftr, ytr, fte, yte, num_classes, seed=seed))
         else:
@@ -103,9 +175,10 @@ def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | N
     result["seconds"] = round(time.perf_counter() - t0, 2)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{protocol}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / result_name(protocol, fraction)).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-__all__ = ["PROTOCOLS", "Encoder", "balanced_subset", "evaluate", "extract_features", "extract_stage_features",
+__all__ = ["PROTOCOLS", "Encoder", "balanced_subset", "evaluate", "fraction_subset", "result_name",
+           "extract_features", "extract_stage_features",
            "knn_predict", "knn_top1", "linear_probe", "load_encoder", "retrieval_scores"]

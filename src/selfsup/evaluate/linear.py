@@ -71,9 +71,11 @@ def _accuracy(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
 def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, num_classes: int, epochs: int = 100, batch_size: int = 256,
                  lr: float = 1e-3, weight_decays: tuple[float, ...] = WEIGHT_DECAYS, val_fraction: float = 0.1,
-                 min_steps: int = 500, seed: int = 0) -> dict:
+                 min_steps: int = 500, seed: int = 0, return_model: bool = False):
     """Returns ``{"top1": test accuracy, "train_top1", "weight_decay": chosen, "val_top1": {wd: acc}}``.
-    With a single weight decay (or too few samples for a validation split) no selection is made."""
+    With a single weight decay (or too few samples for a validation split) no selection is made.
+    With ``return_model`` returns ``(result, predict)``: ``predict(features) -> logits`` applies the
+    training standardisation and the trained head to new (e.g. corrupted) features."""
     mean = train_features.mean(0, keepdim=True)
     std = train_features.std(0, keepdim=True).clamp_min(1e-6) if len(train_features) > 1 else 1.0
     xtr = (train_features - mean) / std
@@ -89,5 +91,13 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
             val_scores[str(w)] = _accuracy(head, xtr[vi], train_labels[vi])
         wd = float(max(val_scores, key=lambda k: (val_scores[k], -float(k))))  # ties: the weaker decay
     head = train_linear(xtr, train_labels, num_classes, weight_decay=wd, **kw)
-    return {"top1": _accuracy(head, xte, test_labels), "train_top1": _accuracy(head, xtr, train_labels),
-            "weight_decay": wd, "val_top1": val_scores}
+    result = {"top1": _accuracy(head, xte, test_labels), "train_top1": _accuracy(head, xtr, train_labels),
+              "weight_decay": wd, "val_top1": val_scores}
+    if not return_model:
+        return result
+
+    @torch.no_grad()
+    def predict(features: torch.Tensor) -> torch.Tensor:
+        return head((features - mean) / std)
+
+    return result, predict
