@@ -45,3 +45,37 @@ def test_lars_update_matches_the_formula_and_excludes_biases():
     w.grad = torch.zeros(2)
     opt.step()
     assert torch.allclose(b.detach(), torch.tensor([0.8 - 0.1 * (0.9 * 2.0 + 2.0)]))
+
+
+def test_vit_backbones_take_any_size_mask_tokens_and_expose_stages():
+    import torch
+
+    from selfsup.backbones import build_backbone, vit_patch_size
+
+    assert (vit_patch_size(32), vit_patch_size(64), vit_patch_size(224)) == (4, 8, 16)
+    m = build_backbone("vit_tiny", 16).eval()
+    x = torch.randn(3, 3, 16, 16)
+    assert m(x).shape == (3, 192) and m(torch.randn(2, 3, 8, 8)).shape == (2, 192)  # smaller crops: pos. interp.
+    maps = m.forward_stages(x)
+    assert [t.shape for t in maps] == [(3, 192, 4, 4)] * 4 and m.stage_names == ["block3", "block6", "block9", "block12"]
+    tokens = m.forward_tokens(x)
+    assert torch.allclose(tokens[:, 1:], maps[-1].flatten(2).transpose(1, 2), atol=1e-5)  # last tap = final tokens
+    assert torch.allclose(tokens[:, 0], m(x), atol=1e-6)
+    # keeping every patch in order is the unmasked forward; keeping a subset encodes only those
+    keep_all = torch.arange(16).expand(3, -1)
+    assert torch.allclose(m.forward_tokens(x, keep_all), tokens, atol=1e-5)
+    assert m.forward_tokens(x, torch.stack([torch.randperm(16)[:4] for _ in range(3)])).shape == (3, 5, 192)
+    assert build_backbone("vit_tiny", 16, in_chans=1)(torch.randn(2, 1, 16, 16)).shape == (2, 192)
+
+
+def test_multi_crop_views():
+    import torch
+
+    from selfsup.data.views import AugConfig, multi_crop
+
+    imgs = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    g, loc = multi_crop(imgs, AugConfig(size=32), torch.Generator().manual_seed(0), n_global=2, n_local=3)
+    assert g.shape == (8, 3, 32, 32) and loc.shape == (12, 3, 12, 12)
+    g2, _ = multi_crop(imgs, AugConfig(size=32), torch.Generator().manual_seed(0), n_global=2, n_local=3)
+    assert torch.equal(g, g2) and not torch.equal(g[:4], g[4:])
+    assert multi_crop(imgs, AugConfig(size=32), torch.Generator(), n_local=0)[1] is None

@@ -1,4 +1,5 @@
-"""Backbones: torchvision ResNets (optionally with a small-image stem) and a small fast ConvNet.
+"""Backbones: torchvision ResNets (optionally with a small-image stem), a small fast ConvNet, and
+Vision Transformers (tiny / small, built from torchvision's ViT modules).
 
 Every backbone maps images ``(B, C, H, W)`` to pooled features ``(B, out_dim)`` and exposes its
 intermediate stages through :meth:`Backbone.forward_stages` (feature taps for layer-wise probes and
@@ -15,7 +16,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-BACKBONES = ("resnet18", "resnet50", "convnet")
+BACKBONES = ("resnet18", "resnet50", "convnet", "vit_tiny", "vit_small")
+VITS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6)}  # width, depth, heads (DeiT / DINO sizes)
 
 
 class Backbone(nn.Module):
@@ -87,6 +89,85 @@ class ConvNet(Backbone):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
+def vit_patch_size(image_size: int) -> int:
+    """Patch side for a ViT on ``image_size`` images: 4 up to 32 px (64 tokens at 32 px), 8 up to 96 px,
+    16 above (ImageNet's ViT-S/16)."""
+    return 4 if image_size <= 32 else 8 if image_size <= 96 else 16
+
+
+class ViT(Backbone):
+    """A Vision Transformer (Dosovitskiy et al. 2021) from torchvision's modules (patch projection,
+    class token, encoder blocks), with what self-supervised methods need on top:
+
+    * any input size: the position embedding is interpolated (bicubic) to the input's patch grid, so
+      multi-crop's small local crops go through the same network (as in DINO);
+    * :meth:`forward_tokens` with ``keep``: only the given patch tokens enter the encoder (MAE's
+      random masking);
+    * feature taps: :meth:`forward_stages` returns the patch tokens after each quarter of the blocks as
+      ``(B, D, h, w)`` maps.
+
+    ``forward`` returns the class token after the final norm (``out_dim`` = width).
+    """
+
+    def __init__(self, name: str, image_size: int, in_chans: int = 3) -> None:
+        super().__init__()
+        dim, depth, heads = VITS[name]
+        self.patch_size = vit_patch_size(image_size)
+        if image_size % self.patch_size:
+            raise ValueError(f"{name}: image_size {image_size} is not a multiple of the patch size {self.patch_size}")
+        vit = torchvision.models.VisionTransformer(image_size, self.patch_size, depth, heads, dim, 4 * dim)
+        if in_chans != 3:
+            vit.conv_proj = nn.Conv2d(in_chans, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.conv_proj, self.class_token, self.encoder = vit.conv_proj, vit.class_token, vit.encoder
+        nn.init.trunc_normal_(self.class_token, std=0.02)
+        self.grid = image_size // self.patch_size
+        self.dim, self.depth = dim, depth
+        self.taps = [depth // 4 * (i + 1) - 1 for i in range(4)]
+        self.stage_names = [f"block{t + 1}" for t in self.taps]
+        self.stage_dims = [dim] * 4
+        self.out_dim = dim
+
+    def pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """``(1, 1 + h*w, D)``: the class position and the patch positions interpolated to ``h x w``."""
+        pos = self.encoder.pos_embedding
+        if (h, w) == (self.grid, self.grid):
+            return pos
+        grid = pos[:, 1:].reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        grid = nn.functional.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([pos[:, :1], grid.to(pos.dtype).flatten(2).transpose(1, 2)], dim=1)
+
+    def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Patch tokens with their position embedding ``(B, h*w, D)`` and the grid size."""
+        t = self.conv_proj(x)
+        h, w = t.shape[-2:]
+        return t.flatten(2).transpose(1, 2) + self.pos_embed(h, w)[:, 1:], h, w
+
+    def forward_tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """All tokens after the final norm, ``(B, 1 + n, D)`` (class token first); with ``keep`` (B, n)
+        only those patch indices are encoded."""
+        t, h, w = self.patchify(x)
+        if keep is not None:
+            t = torch.gather(t, 1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+        cls = (self.class_token + self.encoder.pos_embedding[:, :1]).expand(t.shape[0], -1, -1)
+        t = torch.cat([cls, t], dim=1)
+        return self.encoder.ln(self.encoder.layers(self.encoder.dropout(t)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x)[:, 0]
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        t, h, w = self.patchify(x)
+        cls = (self.class_token + self.encoder.pos_embedding[:, :1]).expand(t.shape[0], -1, -1)
+        t = torch.cat([cls, t], dim=1)
+        maps = []
+        for i, block in enumerate(self.encoder.layers):
+            t = block(t)
+            if i in self.taps:
+                out = self.encoder.ln(t) if i == self.depth - 1 else t
+                maps.append(out[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, h, w))
+        return maps
+
+
 def build_backbone(name: str, image_size: int = 32, small_stem: bool | None = None,
                    in_chans: int = 3) -> Backbone:
     """Build a randomly initialised backbone. ``small_stem=None`` picks it for images <= 64 px."""
@@ -94,6 +175,8 @@ def build_backbone(name: str, image_size: int = 32, small_stem: bool | None = No
         raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
     if name == "convnet":
         return ConvNet(in_chans=in_chans)
+    if name in VITS:
+        return ViT(name, image_size, in_chans=in_chans)
     if small_stem is None:
         small_stem = image_size <= 64
     return ResNet(name, small_stem=small_stem, in_chans=in_chans)
@@ -101,6 +184,6 @@ def build_backbone(name: str, image_size: int = 32, small_stem: bool | None = No
 
 def backbone_spec(name: str, image_size: int, small_stem: bool | None, in_chans: int = 3) -> dict:
     """What is needed to rebuild the same architecture (stored in checkpoints and exports)."""
-    if small_stem is None and name != "convnet":
+    if small_stem is None and name.startswith("resnet"):
         small_stem = image_size <= 64
     return {"name": name, "image_size": image_size, "small_stem": bool(small_stem), "in_chans": in_chans}
