@@ -56,6 +56,7 @@ def main() -> None:
     def batches():
         epoch = 0
         while True:
+            trainer.method.on_epoch_start(trainer, epoch)  # e.g. DeepCluster's clustering
             yield from trainer.stream.batches(epoch)
             epoch += 1
 

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 from .barlow_twins import BarlowTwins
 from .base import Method
+from .bigan import BiGAN
 from .byol import BYOL
+from .colorization import Colorization
+from .dcgan import DCGAN
+from .deepcluster import DeepCluster
+from .inpainting import Inpainting
+from .jigsaw import Jigsaw
 from .moco_v2 import MoCoV2
+from .relative_location import RelativeLocation
 from .rotation import Rotation
 from .simclr import SimCLR
 from .simsiam import SimSiam
 from .vicreg import VICReg
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Rotation, SimCLR, MoCoV2, BYOL, SimSiam, BarlowTwins, VICReg)
+    m.name: m for m in (
+        # context-based (spatial context, then context similarity)
+        Rotation, Jigsaw, RelativeLocation, DeepCluster,
+        # generation-based
+        Colorization, Inpainting, DCGAN, BiGAN,
+        # joint-embedding
+        SimCLR, MoCoV2, BYOL, SimSiam, BarlowTwins, VICReg,
+    )
 }
 
 

@@ -1,0 +1,168 @@
+"""BiGAN / ALI: learn an encoder by adversarial inference (Donahue, Krähenbühl & Darrell, ICLR 2017,
+arXiv 1605.09782; Dumoulin et al., "Adversarially Learned Inference", ICLR 2017, arXiv 1606.00704).
+
+An encoder ``E`` (the backbone + a linear map to ``z``) and a generator ``G`` are trained together so
+that the joint pairs ``(x, E(x))`` of real images and ``(G(z), z)`` of noise cannot be told apart by
+a discriminator ``D(x, z)`` that sees both the image and the code. At the optimum ``E`` inverts
+``G`` (BiGAN, Theorem 2), so ``E`` must capture what ``G`` needs to draw an image: the features
+evaluated downstream are ``E``'s backbone.
+
+Algorithm (one training step; two optimizers, phase "d" then phase "g" for E and G together)::
+
+    x = augment(images)                      # light: random flip (preset), normalised as evaluation
+    z ~ N(0, I)                              # (B, z_dim), drawn from the step's generator
+    fake = norm((tanh(G(z)) + 1) / 2)        # G's images in [0, 1], normalised exactly like x
+    # phase d: the joint discriminator (E, G fixed)
+    r, f = D(x, E(x).detach()), D(fake.detach(), z)
+    loss_d = BCE(r, real_label) + BCE(f, 0)
+    # phase g: E and G fool D, non-saturating (labels swapped; BiGAN Sec. 3.4)
+    r, f = D(x, E(x)), D(fake, z)
+    loss_g = BCE(r, 0) + BCE(f, 1)
+
+``D(x, z) = joint([Dx(x); Dz(z)])``: ``Dx`` is a small DCGAN-style conv net (4x4 stride-2
+convolutions + LeakyReLU(0.2) down to 4x4 or 6x6, then a valid convolution to ``disc_hidden``
+channels), separate from the backbone; ``Dz`` a 2-layer MLP; ``joint`` a 2-layer MLP to one logit;
+dropout on every hidden layer of ``D`` as in ALI (0.2). ``D`` has no BatchNorm, so reals and fakes
+can go through it in separate batches.
+
+What the backbone sees: evaluation feeds it ``(x - mean) / std`` (``eval_view``), so ``E`` is
+trained on exactly that; ``D`` sees the same normalised images, real or generated.
+
+Defaults: Adam, lr 2e-4, betas (0.5, 0.999), batch 128 (BiGAN Sec. 4 and ALI's CIFAR setup; the
+preset's ``optim.lr`` 4e-4 per 256 images is 2e-4 at batch 128), constant rate. ``z`` has 100 dims
+(BiGAN: 200 on ImageNet, ALI: 64 on CIFAR-10). Generator: the DCGAN one shared with ``dcgan``
+(scaled to 32-96 px as described there). The encoder is the run's backbone (convnet or resnet18)
+instead of BiGAN's AlexNet, with a linear map of its pooled features to ``z`` (deterministic, as in
+BiGAN; ALI's encoder is stochastic). Augmentation: horizontal flips only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..data.views import augment, eval_view, normalize
+from ..figures import image_grid, sample_images
+from .base import Method, split_decay
+from .dcgan import build_generator, d_accuracies, d_loss, dcgan_init, generator_plan
+
+
+class JointDiscriminator(nn.Module):
+    """``D(x, z)``: an image branch, a code branch and a joint MLP to one real/fake logit."""
+
+    def __init__(self, image_size: int, z_dim: int, width: int = 64, hidden: int = 512,
+                 dropout: float = 0.2, in_chans: int = 3) -> None:
+        super().__init__()
+        base, n = generator_plan(image_size)  # mirror of the generator: n halvings down to base x base
+        layers: list[nn.Module] = []
+        c = in_chans
+        for i in range(n):
+            c_out = width * min(2**i, 8)
+            layers += [nn.Conv2d(c, c_out, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True), nn.Dropout(dropout)]
+            c = c_out
+        layers += [nn.Conv2d(c, hidden, base), nn.LeakyReLU(0.2, inplace=True), nn.Dropout(dropout),
+                   nn.Flatten()]
+        self.x_branch = nn.Sequential(*layers)
+        self.z_branch = nn.Sequential(
+            nn.Linear(z_dim, hidden), nn.LeakyReLU(0.2, inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.LeakyReLU(0.2, inplace=True), nn.Dropout(dropout))
+        self.joint = nn.Sequential(
+            nn.Linear(2 * hidden, 2 * hidden), nn.LeakyReLU(0.2, inplace=True), nn.Dropout(dropout),
+            nn.Linear(2 * hidden, 1))
+        dcgan_init(self)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.x_branch(x), self.z_branch(z)], dim=1)
+        return self.joint(h).float().squeeze(1)
+
+
+class BiGAN(Method):
+    name = "bigan"
+    family = "generation-based"
+    summary = "BiGAN/ALI (Donahue et al. 2017, Dumoulin et al. 2017): encoder + generator vs a joint D(x, z)"
+    phases = ("d", "g")
+
+    @dataclass
+    class Params:
+        z_dim: int = 100  # dimension of the noise z ~ N(0, I) and of the encoder's output E(x)
+        gen_width: int = 64  # generator channels at its last hidden layer (DCGAN's ngf)
+        disc_width: int = 64  # channels of D's first image conv; x2 per halving, at most x8
+        disc_hidden: int = 512  # width of D's image/code features and joint MLP (joint: 2x)
+        dropout: float = 0.2  # dropout on D's hidden layers (ALI)
+        real_label: float = 1.0  # target for (x, E(x)) in D's loss; < 1 is one-sided label smoothing
+        beta1: float = 0.5  # Adam's beta1 for both players; beta2 is 0.999
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        hp = self.hp
+        self.generator = build_generator(hp.z_dim, cfg.data.image_size, hp.gen_width)
+        self.enc_head = nn.Linear(self.backbone.out_dim, hp.z_dim)  # E = enc_head(backbone(x))
+        self.disc = JointDiscriminator(cfg.data.image_size, hp.z_dim, hp.disc_width, hp.disc_hidden, hp.dropout)
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc_head(self.backbone(x)).float()
+
+    def to_images(self, g_out: torch.Tensor) -> torch.Tensor:
+        """The generator's tanh output as images in [0, 1]."""
+        return (g_out.float() + 1) / 2
+
+    def fake(self, z: torch.Tensor) -> torch.Tensor:
+        """``G(z)`` as the networks see images: in [0, 1], then normalised like the real ones."""
+        return self.fmt(normalize(self.to_images(self.generator(z)), self.cfg.aug.mean, self.cfg.aug.std))
+
+    def sample_noise(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return torch.randn(n, self.hp.z_dim, generator=generator, device=generator.device).to(device)
+
+    # -- the step --------------------------------------------------------------------------------
+    def prepare(self, images, generator):
+        x = augment(images, self.cfg.aug, generator)
+        return self.fmt(x), self.sample_noise(x.shape[0], generator, x.device)
+
+    def phase_step(self, batch, phase):
+        x, z = batch
+        if phase == "d":
+            with torch.no_grad():
+                ex, fake = self.encode(x), self.fake(z)
+            real_logits, fake_logits = self.disc(x, ex), self.disc(fake, z)
+            return {"loss": d_loss(real_logits, fake_logits, self.hp.real_label),
+                    **d_accuracies(real_logits, fake_logits)}
+        if phase == "g":
+            ex = self.encode(x)
+            real_logits, fake_logits = self.disc(x, ex), self.disc(self.fake(z), z)
+            loss = d_loss(fake_logits, real_logits)  # swapped labels: fakes -> 1, reals -> 0
+            return {"loss": loss, "enc_z_std": ex.detach().std(0).mean()}
+        raise ValueError(f"unknown phase '{phase}'")
+
+    def param_groups(self):
+        betas = (self.hp.beta1, 0.999)
+        eg = [*self.backbone.parameters(), *self.enc_head.parameters(), *self.generator.parameters()]
+        return (split_decay(self.disc.parameters(), phase="d", betas=betas)
+                + split_decay(eg, phase="g", betas=betas))
+
+    # -- pictures --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def samples(self, n: int, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``n`` generated images in [0, 1] from a fixed noise seed."""
+        z = self.sample_noise(n, torch.Generator().manual_seed(seed), torch.device(device))
+        return self.to_images(self.generator(z))
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """``G(E(x))`` in [0, 1] of uint8 images ``(B, 3, H, W)``, through the evaluation view."""
+        return self.to_images(self.generator(self.encode(self.fmt(eval_view(images, self.cfg.aug)))))
+
+    @torch.no_grad()
+    def figures(self, data, out_dir, device):
+        n = 8
+        real = sample_images(data, 2 * n)
+        rec = self.reconstruct(torch.from_numpy(real).permute(0, 3, 1, 2).to(device)).cpu()
+        recon = image_grid([real[:n], rec[:n], real[n:], rec[n:]], out_dir / "bigan_reconstructions.png",
+                           row_titles=["x", "G(E(x))", "x", "G(E(x))"],
+                           title="BiGAN: images x and their reconstructions G(E(x))")
+        fakes = self.samples(4 * n, device=device).cpu()
+        samples = image_grid(list(fakes.split(n)), out_dir / "bigan_samples.png", row_titles=["G(z)"] * 4,
+                             title="BiGAN: samples G(z) of fixed noise")
+        return [recon, samples]

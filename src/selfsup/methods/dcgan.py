@@ -1,0 +1,222 @@
+"""DCGAN: the discriminator of a GAN as a feature learner (Radford, Metz & Chintala, ICLR 2016,
+arXiv 1511.06434).
+
+A generator ``G`` maps noise ``z ~ N(0, I)`` to images; a discriminator ``D`` tells real images from
+generated ones. ``D`` is the backbone (pooled features) plus a linear real/fake logit, so the
+features evaluated downstream are the discriminator's (Sec. 5.1 of the paper: CIFAR-10 classified
+from the discriminator's features).
+
+Algorithm (one training step; two optimizers, phase "d" then phase "g")::
+
+    x = augment(images)                      # light: random flip (preset), normalised as evaluation
+    z ~ N(0, I)                              # (B, z_dim), drawn from the step's generator
+    fake = norm((tanh(G(z)) + 1) / 2)        # G's images in [0, 1], normalised exactly like x
+    # phase d: discriminator step (G fixed)
+    r, f = D([x; fake.detach()])             # one batch: BatchNorm sees real and fake together
+    loss_d = BCE(r, real_label) + BCE(f, 0)
+    # phase g: generator step (D fixed), non-saturating loss (Goodfellow et al. 2014, Sec. 3)
+    r, f = D([x; fake])
+    loss_g = BCE(f, 1)                       # = -log D(G(z)), not log(1 - D(G(z)))
+
+Why one batch ``[x; fake]``: the backbones put BatchNorm right after their first convolution, and a
+batch of fakes normalised on its own statistics hides from ``D`` any global difference of colour or
+contrast between fakes and reals (the DCGAN discriminator has no BatchNorm on its first layer; ours
+does). Normalising both halves together keeps those differences visible, in both phases.
+
+What the backbone sees: evaluation feeds it ``(x - mean) / std`` (``data.views.eval_view`` with the
+config's ``aug.mean/std``), so ``D`` is trained on exactly that for real images, and the generator's
+``tanh`` output is mapped to [0, 1] and through the same normalisation.
+
+Defaults (paper, Sec. 4): Adam, lr 2e-4, betas (0.5, 0.999), batch 128, ``z`` of 100 dims, the
+generator of Fig. 1 (transposed convolutions + BatchNorm + ReLU, tanh output) with 64 base channels.
+Scaling to 32-96 px: the generator starts at 4x4 (6x6 for 12*2^k px) with ``gen_width * 2^(n-1)``
+channels and doubles the resolution ``n`` times (32 px: 256-128-64 channels at 4-8-16 px, 96 px:
+512-256-128-64 at 6-12-24-48 px). The discriminator is the run's backbone (convnet or resnet18)
+instead of the paper's 4-layer LeakyReLU net. The preset's ``optim.lr`` is 4e-4 per 256 images, i.e.
+the paper's 2e-4 at batch 128, kept constant (``min_lr_ratio: 1``). For the first epochs on 32 px
+CIFAR with a BatchNorm backbone as ``D``, one-sided label smoothing (real label 0.9, Salimans et al.
+2016) keeps ``D``'s logits from growing without bound. Augmentation: horizontal flips only (crops would make the reals
+blurrier than the fakes, a cue for ``D`` that carries no semantics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.views import augment, normalize
+from ..figures import image_grid, sample_images
+from ..heads import LinearClassifier
+from .base import Method, split_decay
+
+# --------------------------------------------------------------------------------------------------
+# the generator (shared with BiGAN)
+
+
+def generator_plan(image_size: int) -> tuple[int, int]:
+    """``(base, n)`` with ``image_size == base * 2**n``, ``base`` 4 or 6 and ``n >= 1``: the generator
+    starts at ``base x base`` and doubles its resolution ``n`` times. Sizes 8*2^k and 12*2^k."""
+    for base in (4, 6):
+        n = 1
+        while base * 2**n < image_size:
+            n += 1
+        if base * 2**n == image_size:
+            return base, n
+    raise ValueError(f"the DCGAN generator makes images of 8*2^k or 12*2^k px (8, 12, 16, 24, 32, 48, 64, "
+                     f"96, 128, ...), not {image_size} px; choose another data.image_size")
+
+
+def dcgan_init(module: nn.Module) -> None:
+    """DCGAN's initialisation (Sec. 4): conv weights ~ N(0, 0.02), BatchNorm scales ~ N(1, 0.02)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class DCGANGenerator(nn.Module):
+    """DCGAN's generator (Radford et al. 2016, Fig. 1): ``z (B, z_dim)`` -> images ``(B, 3, S, S)``
+    in [-1, 1] (tanh). A ``base x base`` transposed convolution from ``z`` (as a 1x1 map), then
+    ``n - 1`` stride-2 transposed convolutions (4x4) halving the channels, each followed by
+    BatchNorm + ReLU, and a last stride-2 one to ``out_chans`` with tanh. ``S = base * 2^n`` must be
+    8*2^k or 12*2^k (:func:`generator_plan`); channels are ``width * 2^(n-1-i)``, at most ``8 * width``."""
+
+    def __init__(self, z_dim: int = 100, image_size: int = 32, width: int = 64, out_chans: int = 3) -> None:
+        super().__init__()
+        base, n = generator_plan(image_size)
+        self.z_dim, self.image_size = z_dim, image_size
+        chans = [width * min(2 ** (n - 1 - i), 8) for i in range(n)]  # at base, 2*base, ..., S/2 px
+        layers: list[nn.Module] = [nn.ConvTranspose2d(z_dim, chans[0], base, 1, 0, bias=False),
+                                   nn.BatchNorm2d(chans[0]), nn.ReLU(inplace=True)]
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True)]
+        layers += [nn.ConvTranspose2d(chans[-1], out_chans, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        dcgan_init(self)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.reshape(z.shape[0], -1, 1, 1))
+
+
+def build_generator(z_dim: int, image_size: int, width: int) -> DCGANGenerator:
+    """The generator, with an unsupported image size reported as a configuration error."""
+    from ..config import ConfigError
+
+    try:
+        return DCGANGenerator(z_dim, image_size, width)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# losses (logits -> scalars, float32)
+
+
+def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label: float = 1.0) -> torch.Tensor:
+    """Discriminator loss: ``BCE(real, real_label) + BCE(fake, 0)``, i.e. with ``real_label = 1``
+    ``-mean log s(r) - mean log(1 - s(f))`` (``s`` the sigmoid); ``real_label < 1`` is one-sided label
+    smoothing."""
+    real_logits, fake_logits = real_logits.float(), fake_logits.float()
+    return (F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, real_label))
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+
+def g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss ``-mean log s(f) = BCE(f, 1)`` (Goodfellow et al. 2014, Sec. 3)."""
+    fake_logits = fake_logits.float()
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+def d_accuracies(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What to log of a discriminator: its accuracy on reals / fakes and mean ``D(x)``, ``D(G(z))``."""
+    with torch.no_grad():
+        r, f = real_logits.float(), fake_logits.float()
+        return {"d_real_acc": (r > 0).float().mean(), "d_fake_acc": (f < 0).float().mean(),
+                "d_x": torch.sigmoid(r).mean(), "d_gz": torch.sigmoid(f).mean()}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class DCGAN(Method):
+    name = "dcgan"
+    family = "generation-based"
+    summary = "DCGAN (Radford et al. 2016): the GAN discriminator (backbone + real/fake logit) is the encoder"
+    phases = ("d", "g")
+
+    @dataclass
+    class Params:
+        z_dim: int = 100  # dimension of the noise z ~ N(0, I) fed to the generator
+        gen_width: int = 64  # generator channels at its last hidden layer (DCGAN's ngf); x2 per layer up
+        real_label: float = 0.9  # target for real images in D's loss; < 1 is one-sided label smoothing
+        beta1: float = 0.5  # Adam's beta1 for both players (DCGAN, Sec. 4); beta2 is 0.999
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.d_head = LinearClassifier(self.backbone.out_dim, 1)  # D = d_head(backbone(x))
+        self.generator = build_generator(self.hp.z_dim, cfg.data.image_size, self.hp.gen_width)
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def discriminator(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d_head(self.backbone(x)).float().squeeze(1)
+
+    def to_images(self, g_out: torch.Tensor) -> torch.Tensor:
+        """The generator's tanh output as images in [0, 1]."""
+        return (g_out.float() + 1) / 2
+
+    def fake(self, z: torch.Tensor) -> torch.Tensor:
+        """``G(z)`` as the backbone sees images: in [0, 1], then normalised like the real ones."""
+        return self.fmt(normalize(self.to_images(self.generator(z)), self.cfg.aug.mean, self.cfg.aug.std))
+
+    def sample_noise(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return torch.randn(n, self.hp.z_dim, generator=generator, device=generator.device).to(device)
+
+    # -- the step --------------------------------------------------------------------------------
+    def prepare(self, images, generator):
+        x = augment(images, self.cfg.aug, generator)
+        return self.fmt(x), self.sample_noise(x.shape[0], generator, x.device)
+
+    def phase_step(self, batch, phase):
+        x, z = batch
+        b = x.shape[0]
+        if phase == "d":
+            with torch.no_grad():
+                fake = self.fake(z)
+            logits = self.discriminator(self.fmt(torch.cat([x, fake])))
+            real_logits, fake_logits = logits[:b], logits[b:]
+            return {"loss": d_loss(real_logits, fake_logits, self.hp.real_label),
+                    **d_accuracies(real_logits, fake_logits)}
+        if phase == "g":
+            logits = self.discriminator(self.fmt(torch.cat([x, self.fake(z)])))
+            return {"loss": g_loss(logits[b:])}
+        raise ValueError(f"unknown phase '{phase}'")
+
+    def param_groups(self):
+        betas = (self.hp.beta1, 0.999)
+        d = list(self.backbone.parameters()) + list(self.d_head.parameters())
+        return (split_decay(d, phase="d", betas=betas)
+                + split_decay(self.generator.parameters(), phase="g", betas=betas))
+
+    # -- pictures --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def samples(self, n: int, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``n`` generated images in [0, 1] from a fixed noise seed."""
+        z = self.sample_noise(n, torch.Generator().manual_seed(seed), torch.device(device))
+        return self.to_images(self.generator(z))
+
+    @torch.no_grad()
+    def figures(self, data, out_dir, device):
+        n = 8
+        fakes = self.samples(4 * n, device=device).cpu()
+        rows = [sample_images(data, n)] + list(fakes.split(n))
+        path = image_grid(rows, out_dir / "dcgan_samples.png", row_titles=["real"] + ["G(z)"] * 4,
+                          title="DCGAN: real images (top) and samples G(z) of fixed noise")
+        return [path]
