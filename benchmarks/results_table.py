@@ -63,7 +63,12 @@ def main() -> None:
                 cmd.append("--resume")
             entry["pretrain_s"] = round(run(cmd), 1)
         for protocol in ("knn", "linear"):
+            done = run_dir / "eval" / f"{protocol}.json"
             if protocol in entry:
+                continue
+            if done.exists() and done.stat().st_mtime > (run_dir / "checkpoints" / "last.pt").stat().st_mtime \
+                    if not is_random else done.exists():
+                entry[protocol] = json.loads(done.read_text())["top1"]  # from an interrupted table run
                 continue
             cmd = exe + ["evaluate", name if is_random else str(run_dir), "--protocol", protocol,
                          "--train", args.data, "--test", args.data, "--k", str(args.k), "--no-progress"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(2)
+torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS", "2"))))  # honour OMP_NUM_THREADS=1
 
 
 def oriented_image(rng: np.random.Generator, size: int, cls: int) -> np.ndarray:
