@@ -43,7 +43,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"  # resnet18 | resnet50 | convnet
+    backbone: str = "resnet18"  # resnet18 | resnet50 | convnet | vit_tiny | vit_small | vit_micro (tests)
     small_stem: bool | None = None  # 3x3 conv1, no max-pool; None = automatic (image_size <= 64)
 
 

@@ -22,8 +22,9 @@ Algorithm (one training step; two optimizers, phase "d" then phase "g" for E and
 ``D(x, z) = joint([Dx(x); Dz(z)])``: ``Dx`` is a small DCGAN-style conv net (4x4 stride-2
 convolutions + LeakyReLU(0.2) down to 4x4 or 6x6, then a valid convolution to ``disc_hidden``
 channels), separate from the backbone; ``Dz`` a 2-layer MLP; ``joint`` a 2-layer MLP to one logit;
-dropout on every hidden layer of ``D`` as in ALI (0.2). ``D`` has no BatchNorm, so reals and fakes
-can go through it in separate batches.
+dropout on every hidden layer of ``D`` as in ALI (0.2; its masks come from the global RNG, which
+checkpoints hold, so a resumed run replays them). ``D`` has no BatchNorm, so reals and fakes can go
+through it in separate batches.
 
 What the backbone sees: evaluation feeds it ``(x - mean) / std`` (``eval_view``), so ``E`` is
 trained on exactly that; ``D`` sees the same normalised images, real or generated.
@@ -162,7 +163,7 @@ class BiGAN(Method):
         recon = image_grid([real[:n], rec[:n], real[n:], rec[n:]], out_dir / "bigan_reconstructions.png",
                            row_titles=["x", "G(E(x))", "x", "G(E(x))"],
                            title="BiGAN: images x and their reconstructions G(E(x))")
-        fakes = self.samples(4 * n, device=device).cpu()
-        samples = image_grid(list(fakes.split(n)), out_dir / "bigan_samples.png", row_titles=["G(z)"] * 4,
+        fakes = self.samples(3 * n, device=device).cpu()
+        samples = image_grid(list(fakes.split(n)), out_dir / "bigan_samples.png", row_titles=["G(z)"] * 3,
                              title="BiGAN: samples G(z) of fixed noise")
         return [recon, samples]

@@ -21,7 +21,11 @@ Algorithm (one training step; two optimizers, phase "d" then phase "g")::
 Why one batch ``[x; fake]``: the backbones put BatchNorm right after their first convolution, and a
 batch of fakes normalised on its own statistics hides from ``D`` any global difference of colour or
 contrast between fakes and reals (the DCGAN discriminator has no BatchNorm on its first layer; ours
-does). Normalising both halves together keeps those differences visible, in both phases.
+does). Normalising both halves together keeps those differences visible, in both phases (they are
+still hard to see when such a gap is nearly all the variance of the batch, e.g. on near-constant
+images). Consequences: ``D``'s BatchNorm running statistics, which evaluation uses, are those of
+half-real, half-fake batches, and the g phase also computes gradients for ``D`` (then dropped: only
+G's optimizer steps; the d phase's zeroes them).
 
 What the backbone sees: evaluation feeds it ``(x - mean) / std`` (``data.views.eval_view`` with the
 config's ``aug.mean/std``), so ``D`` is trained on exactly that for real images, and the generator's
@@ -32,11 +36,14 @@ generator of Fig. 1 (transposed convolutions + BatchNorm + ReLU, tanh output) wi
 Scaling to 32-96 px: the generator starts at 4x4 (6x6 for 12*2^k px) with ``gen_width * 2^(n-1)``
 channels and doubles the resolution ``n`` times (32 px: 256-128-64 channels at 4-8-16 px, 96 px:
 512-256-128-64 at 6-12-24-48 px). The discriminator is the run's backbone (convnet or resnet18)
-instead of the paper's 4-layer LeakyReLU net. The preset's ``optim.lr`` is 4e-4 per 256 images, i.e.
-the paper's 2e-4 at batch 128, kept constant (``min_lr_ratio: 1``). For the first epochs on 32 px
-CIFAR with a BatchNorm backbone as ``D``, one-sided label smoothing (real label 0.9, Salimans et al.
-2016) keeps ``D``'s logits from growing without bound. Augmentation: horizontal flips only (crops would make the reals
-blurrier than the fakes, a cue for ``D`` that carries no semantics).
+instead of the paper's 4-layer LeakyReLU net. The preset's ``optim.lr`` is 4e-4 per 256 images,
+i.e. the paper's 2e-4 at batch 128, kept constant (``min_lr_ratio: 1``), no weight decay. One-sided
+label smoothing (real label 0.9, Salimans et al. 2016) keeps a BatchNorm backbone, which tells the
+first fakes from reals within a few steps, from driving its logits without bound. Augmentation:
+horizontal flips only (crops would make the reals blurrier than the fakes, a cue for ``D`` that
+carries no semantics). What to expect: ``D`` wins most batches from the first epoch (``d_real_acc``,
+``d_fake_acc`` ~0.95-1) while ``G`` improves; on CIFAR-10 the samples are checkerboard-like for the
+first ~150 steps at 2e-4, then colour blobs (seen at 16 px, batch 32, 600 steps).
 """
 
 from __future__ import annotations
@@ -215,8 +222,8 @@ class DCGAN(Method):
     @torch.no_grad()
     def figures(self, data, out_dir, device):
         n = 8
-        fakes = self.samples(4 * n, device=device).cpu()
+        fakes = self.samples(3 * n, device=device).cpu()
         rows = [sample_images(data, n)] + list(fakes.split(n))
-        path = image_grid(rows, out_dir / "dcgan_samples.png", row_titles=["real"] + ["G(z)"] * 4,
+        path = image_grid(rows, out_dir / "dcgan_samples.png", row_titles=["real"] + ["G(z)"] * 3,
                           title="DCGAN: real images (top) and samples G(z) of fixed noise")
         return [path]

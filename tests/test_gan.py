@@ -1,0 +1,303 @@
+"""Generation-based methods: DCGAN and BiGAN (generator shapes, losses, which player each phase
+trains, tiny runs that learn, figures, kNN evaluation of the backbone, exact resume)."""
+
+import math
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from selfsup.config import ConfigError, build_config
+from selfsup.data.views import eval_view
+from selfsup.evaluate import evaluate
+from selfsup.methods import METHODS
+from selfsup.methods.bigan import JointDiscriminator
+from selfsup.methods.dcgan import DCGANGenerator, d_loss, g_loss, generator_plan
+from selfsup.train import Trainer, TrainingInterrupted, load_checkpoint, read_metrics
+
+COLOUR = (0.8, 0.3, 0.2)  # the tiny dataset's dominant colour, far from the untrained generator's grey
+SMALL = {"dcgan": {"gen_width": 16},
+         "bigan": {"gen_width": 16, "disc_width": 16, "disc_hidden": 64}}
+
+
+def colour_folder(root: Path, n_per_class: int, seed: int) -> Path:
+    """16 px images of one dominant colour: COLOUR, shifted per image (std 0.12 per channel), plus a
+    smooth random brightness field (std 0.15) and pixel noise (0.05), in two classes: a dark
+    horizontal band (class h) or a dark vertical band (class v). The variation matters: with
+    near-constant images the real/fake colour gap would be all the variance that the backbone's
+    BatchNorm sees in a batch, and it normalises such a gap away (G gets no colour signal)."""
+    rng = np.random.default_rng(seed)
+    for cls in ("h", "v"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            field = torch.nn.functional.interpolate(torch.from_numpy(rng.normal(0, 0.15, (1, 1, 4, 4))), size=16,
+                                                    mode="bilinear", align_corners=False)[0, 0, :, :, None].numpy()
+            img = np.array(COLOUR) + rng.normal(0, 0.12, 3) + field + rng.normal(0, 0.05, (16, 16, 3))
+            k = rng.integers(2, 12)
+            if cls == "h":
+                img[k:k + 3] *= 0.5
+            else:
+                img[:, k:k + 3] *= 0.5
+            Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(root / cls / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("colour")
+    colour_folder(root / "train", 32, seed=0)  # 64 images
+    colour_folder(root / "test", 8, seed=1)
+    return root
+
+
+def _cfg(method, data, epochs, batch=8, lr=3.2e-2, **train):
+    """A tiny run: convnet, 16 px, small generator / discriminator; ``lr`` per 256 images (3.2e-2 at
+    batch 8 is Adam's 1e-3 per step, five times DCGAN's 2e-4, so that 100 steps show something)."""
+    return build_config(method, {
+        "model": {"backbone": "convnet"}, "data": {"path": str(data), "image_size": 16},
+        "train": {"epochs": epochs, "batch_size": batch, "log_every": 4, "ckpt_every": 1000, **train},
+        "optim": {"lr": lr}, "params": SMALL[method]})
+
+
+# --------------------------------------------------------------------------------------------------
+# architecture
+
+
+@pytest.mark.parametrize("size,base", [(16, 4), (32, 4), (64, 4), (96, 6), (8, 4), (12, 6), (48, 6)])
+def test_generator_makes_images_of_the_training_size(size, base):
+    assert generator_plan(size)[0] == base and base * 2 ** generator_plan(size)[1] == size
+    g = DCGANGenerator(z_dim=10, image_size=size, width=8)
+    first = g.net[0]
+    assert isinstance(first, torch.nn.ConvTranspose2d) and first.kernel_size == (base, base)
+    x = g(torch.randn(3, 10, generator=torch.Generator().manual_seed(0)))
+    assert x.shape == (3, 3, size, size)
+    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0  # tanh output, not constant
+    d = JointDiscriminator(size, z_dim=10, width=8, hidden=16)
+    assert d(torch.randn(3, 3, size, size), torch.randn(3, 10)).shape == (3,)
+
+
+@pytest.mark.parametrize("size", [20, 28, 40, 4, 6])
+def test_unsupported_image_sizes_fail_clearly(size):
+    with pytest.raises(ValueError, match=r"8\*2\^k or 12\*2\^k"):
+        generator_plan(size)
+    cfg = build_config("dcgan", {"model": {"backbone": "convnet"}, "data": {"image_size": size}})
+    for method in ("dcgan", "bigan"):
+        cfg.method = method
+        cfg.params = {}
+        with pytest.raises(ConfigError, match=f"not {size} px"):
+            METHODS[method](cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# losses
+
+
+def _log_sigmoid(v):
+    return -math.log1p(math.exp(-v))
+
+
+def test_gan_losses_match_hand_computation():
+    r, f = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+    # D: -mean log s(r) - mean log(1 - s(f)), and log(1 - s(f)) = log s(-f)
+    by_hand = -(_log_sigmoid(2.0) + _log_sigmoid(-1.0)) / 2 - (_log_sigmoid(-0.5) + _log_sigmoid(3.0)) / 2
+    assert float(d_loss(r, f)) == pytest.approx(by_hand, rel=1e-6)
+    # one-sided label smoothing: real target 0.9 -> -(0.9 log s(r) + 0.1 log(1 - s(r)))
+    smooth = -sum(0.9 * _log_sigmoid(v) + 0.1 * _log_sigmoid(-v) for v in (2.0, -1.0)) / 2
+    assert float(d_loss(r, f, 0.9)) == pytest.approx(smooth - (_log_sigmoid(-0.5) + _log_sigmoid(3.0)) / 2, rel=1e-6)
+    # G, non-saturating: -mean log s(f)
+    assert float(g_loss(f)) == pytest.approx(-(_log_sigmoid(0.5) + _log_sigmoid(-3.0)) / 2, rel=1e-6)
+    # ...whose gradient does not vanish where D confidently rejects the fakes (s(f) ~ 0)
+    f = torch.tensor([-10.0], requires_grad=True)
+    g_loss(f).backward()
+    assert float(f.grad) == pytest.approx(-1.0, abs=1e-4)  # log(1 - s(f)) would give -s(f) ~ -4.5e-5
+
+
+class _FixedLogits(torch.nn.Module):
+    """Stands in for (the head of) a discriminator: returns the given logits, in call order."""
+
+    def __init__(self, *logits):
+        super().__init__()
+        self.logits = list(logits)
+
+    def forward(self, *args):
+        return self.logits.pop(0)
+
+
+@pytest.mark.parametrize("method", ["dcgan", "bigan"])
+def test_phase_losses_put_real_and_fake_labels_where_the_paper_does(method, colour_data):
+    cfg = _cfg(method, colour_data / "train", 1)
+    m = METHODS[method](cfg)
+    x = torch.full((2, 3, 16, 16), 128, dtype=torch.uint8)
+    batch = m.prepare(x, torch.Generator().manual_seed(0))
+    real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+    lr_real = -(_log_sigmoid(2.0) + _log_sigmoid(-1.0)) / 2  # BCE(real, 1)
+    lf_fake = -(_log_sigmoid(-0.5) + _log_sigmoid(3.0)) / 2  # BCE(fake, 0)
+    if method == "dcgan":  # D sees [x; G(z)] as one batch
+        m.d_head = _FixedLogits(torch.cat([real, fake])[:, None], torch.cat([real, fake])[:, None])
+        smooth = -sum(0.9 * _log_sigmoid(v) + 0.1 * _log_sigmoid(-v) for v in (2.0, -1.0)) / 2
+        out = m.phase_step(batch, "d")
+        assert float(out["loss"]) == pytest.approx(smooth + lf_fake, rel=1e-6)  # real_label 0.9 (preset)
+        assert float(m.phase_step(batch, "g")["loss"]) == pytest.approx(
+            -(_log_sigmoid(0.5) + _log_sigmoid(-3.0)) / 2, rel=1e-6)  # -log D(G(z))
+    else:  # D(x, E(x)) then D(G(z), z); E and G minimise the swapped-label loss
+        m.disc = _FixedLogits(real, fake, real, fake)
+        out = m.phase_step(batch, "d")
+        assert float(out["loss"]) == pytest.approx(lr_real + lf_fake, rel=1e-6)
+        swapped = -(_log_sigmoid(-2.0) + _log_sigmoid(1.0)) / 2 - (_log_sigmoid(0.5) + _log_sigmoid(-3.0)) / 2
+        assert float(m.phase_step(batch, "g")["loss"]) == pytest.approx(swapped, rel=1e-6)
+    assert float(out["d_real_acc"]) == 0.5 and float(out["d_fake_acc"]) == 0.5  # r > 0: [T, F]; f < 0: [F, T]
+
+
+# --------------------------------------------------------------------------------------------------
+# the two phases train disjoint players
+
+
+PLAYERS = {"dcgan": {"d": ("backbone.", "d_head."), "g": ("generator.",)},
+           "bigan": {"d": ("disc.",), "g": ("generator.", "backbone.", "enc_head.")}}
+
+
+@pytest.mark.parametrize("method", ["dcgan", "bigan"])
+def test_d_phase_changes_only_d_and_g_phase_only_the_other_players(method, colour_data, tmp_path):
+    # fp32: under bf16 the very first gradient of D's last bias can round to exactly 0 (logits ~1e-4)
+    cfg = _cfg(method, colour_data / "train", 1, precision="fp32")
+    trainer = Trainer(cfg, tmp_path / method, progress=False)
+    m = trainer.method
+
+    def snapshot():
+        return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+    names = set(dict(m.named_parameters()))
+    owner = {n: next(ph for ph, prefixes in PLAYERS[method].items() if n.startswith(prefixes)) for n in names}
+    for phase, opt in trainer.optimizers.items():  # each parameter is in exactly its player's optimizer
+        ids = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert ids == {id(p) for n, p in m.named_parameters() if owner[n] == phase}
+
+    between = {}
+    g_step = trainer.optimizers["g"].step
+
+    def record_then_step(*a, **k):
+        between.update(snapshot())  # after the d phase's step, before the g phase's
+        return g_step(*a, **k)
+
+    trainer.optimizers["g"].step = record_then_step
+    before = snapshot()
+    images = torch.from_numpy(np.array(trainer.data.images[:8])).permute(0, 3, 1, 2)
+    trainer.train_step(images, 0)
+    after = snapshot()
+    changed_d = {n for n in names if not torch.equal(before[n], between[n])}
+    changed_g = {n for n in names if not torch.equal(between[n], after[n])}
+    assert changed_d == {n for n in names if owner[n] == "d"}
+    assert changed_g == {n for n in names if owner[n] == "g"}
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny runs: they learn, draw, evaluate
+
+
+def _sample_colour(method) -> torch.Tensor:
+    was = method.training
+    method.eval()
+    mean = method.samples(64).mean((0, 2, 3))
+    method.train(was)
+    return mean
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(colour_data, tmp_path_factory):
+    """One run per method; the distance of G(z)'s mean colour to the data's, every 10 steps."""
+    out = {}
+    for method, epochs in (("dcgan", 12), ("bigan", 5)):  # 96 and 40 steps
+        trainer = Trainer(_cfg(method, colour_data / "train", epochs), tmp_path_factory.mktemp(method),
+                          progress=False)
+        data_colour = torch.from_numpy(np.array(trainer.data.images)).float().div(255).mean((0, 1, 2))
+        dist = [float((_sample_colour(trainer.method) - data_colour).norm())]
+        after_step = trainer.method.after_step
+
+        def track(step, total, m=trainer.method, after_step=after_step, dist=dist, c=data_colour):
+            after_step(step, total)
+            if (step + 1) % 10 == 0:
+                dist.append(float((_sample_colour(m) - c).norm()))
+
+        trainer.method.after_step = track
+        trainer.fit()
+        out[method] = (trainer, read_metrics(trainer.run_dir), dist)
+    return out
+
+
+@pytest.mark.parametrize("method", ["dcgan", "bigan"])
+def test_tiny_run_discriminates_and_moves_samples_toward_the_data(method, tiny_runs):
+    trainer, rows, dist = tiny_runs[method]
+    assert {"loss", "loss_d", "loss_g", "d_real_acc", "d_fake_acc", "d_x", "d_gz"} <= rows[0].keys()
+    acc = np.mean([(float(r["d_real_acc"]) + float(r["d_fake_acc"])) / 2 for r in rows])
+    assert acc > 0.55, acc  # the discriminator beats chance (0.5) over the run
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    # G(z) starts grey (~0.5 everywhere, 0.49 from the data's colour) and moves toward the data
+    assert dist[0] > 0.4, dist
+    assert min(dist) < 0.7 * dist[0], dist
+    assert np.mean(dist[len(dist) // 2:]) < 0.8 * dist[0], dist  # and stays closer (GANs oscillate)
+
+
+def test_bigan_encoder_is_not_collapsed(tiny_runs):
+    trainer, rows, _ = tiny_runs["bigan"]
+    m = trainer.method
+    x = torch.from_numpy(np.array(trainer.data.images)).permute(0, 3, 1, 2)
+    m.eval()
+    with torch.no_grad():
+        e = m.encode(m.fmt(eval_view(x, trainer.cfg.aug)))
+    m.train()
+    assert e.shape == (64, 100)
+    assert e.std(0).mean() > 0.1, e.std(0).mean()  # codes differ from image to image (collapsed: ~0)
+    s = torch.linalg.svdvals(e - e.mean(0))
+    assert s[1] / s[0] > 0.05  # ... along more than one direction
+    assert float(rows[-1]["enc_z_std"]) > 0.1
+
+
+@pytest.mark.parametrize("method,files", [("dcgan", ["dcgan_samples.png"]),
+                                          ("bigan", ["bigan_samples.png", "bigan_reconstructions.png"])])
+def test_tiny_run_writes_figures_and_evaluates(method, files, tiny_runs, colour_data, tmp_path):
+    trainer, _, _ = tiny_runs[method]
+    for name in files:
+        path = trainer.run_dir / "figures" / name
+        assert path.exists() and Image.open(path).size[0] > 200
+    r = evaluate(str(trainer.run_dir), "knn", str(colour_data), str(colour_data), out=tmp_path / "eval",
+                 image_size=16, progress=False)
+    assert r["n_train"] == 64 and r["n_test"] == 16 and 0.0 <= r["top1"] <= 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# exact resume with both optimizers
+
+
+@pytest.mark.parametrize("method", ["dcgan", "bigan"])
+def test_resume_after_an_interruption_matches_the_uninterrupted_run(method, colour_data, tmp_path):
+    cfg = _cfg(method, colour_data / "train", 1, batch=16, ckpt_every=2)  # 4 steps
+    ref = Trainer(cfg, tmp_path / "ref", progress=False)
+    ref.draw_figures = list  # pictures are tested above; matplotlib is the slow part of a tiny run
+    ref.fit()
+
+    run = Trainer(cfg, tmp_path / "run", progress=False)
+    train_step = run.train_step
+
+    def stop_after_three(images, step):
+        out = train_step(images, step)
+        if step == 2:
+            run._stop_signal = signal.SIGTERM  # as if SIGTERM arrived: checkpoint after this step, stop
+        return out
+
+    run.train_step = stop_after_three
+    with pytest.raises(TrainingInterrupted):
+        run.fit()
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 3 and set(ckpt["optimizers"]) == {"d", "g"}
+    assert all(ckpt["optimizers"][p]["state"] for p in ("d", "g"))  # Adam moments of both players
+    resumed = Trainer(cfg, tmp_path / "run", resume=True, progress=False)
+    resumed.draw_figures = list
+    resumed.fit()
+    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    expected = ref.method.state_dict()
+    assert final["model"].keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(final["model"][k], v), k
