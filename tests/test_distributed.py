@@ -41,7 +41,7 @@ def test_gather_with_gradients_sums_gradients_over_processes(worker_results):
     assert torch.equal(g["all_grads"][0], 2 * idx[:2]) and torch.equal(g["all_grads"][1], 2 * idx[2:])
 
 
-@pytest.mark.parametrize("method", ["simclr", "barlow_twins", "vicreg"])
+@pytest.mark.parametrize("method", ["simclr", "barlow_twins", "vicreg", "swav", "dino", "moco_v3"])
 def test_two_processes_match_one_process_with_twice_the_batch(worker_results, method):
     one, two = worker_results[1][method], worker_results[2][method]
     assert torch.allclose(one["loss"], two["loss"], rtol=1e-5, atol=1e-6), (one["loss"], two["loss"])
@@ -53,6 +53,28 @@ def test_two_processes_match_one_process_with_twice_the_batch(worker_results, me
     # a wrong gather (no all-reduce in the backward) would halve the cross-process gradient terms: make sure
     # the gradients are not trivially small, so the comparison above has teeth
     assert sum(float(g.abs().sum()) for g in one["grads"].values()) > 1e-3
+
+
+def test_dino_centre_moves_to_the_global_batch_mean(worker_results):
+    """DINO's centre update all-reduces the teacher outputs: after one step every process holds the centre
+    of the single-process run on the whole batch (a per-process mean would differ: different images)."""
+    one, two = worker_results[1]["dino"], worker_results[2]["dino"]
+    assert torch.equal(one["center_before"], two["center_before"])
+    assert not torch.allclose(one["center"], one["center_before"], atol=1e-3)  # it moved
+    diff = (one["center"] - two["center"]).abs().max()
+    assert torch.allclose(one["center"], two["center"], rtol=1e-5, atol=1e-6), diff
+
+
+def test_sinkhorn_codes_of_two_processes_are_those_of_the_global_batch(worker_results):
+    """SwAV's Sinkhorn all-reduces its sums over the batch: the codes of 2 processes x 4 samples are the
+    rows of the codes of 1 process x 8 samples, which a per-process Sinkhorn does not give."""
+    from selfsup.losses import sinkhorn
+
+    one, two = worker_results[1]["sinkhorn"], worker_results[2]["sinkhorn"]
+    assert torch.allclose(one["codes"], two["codes"], rtol=1e-5, atol=1e-6), (one["codes"] - two["codes"]).abs().max()
+    scores = one["scores"]
+    local = torch.cat([sinkhorn(scores[:4], 0.5, 3), sinkhorn(scores[4:], 0.5, 3)])
+    assert (local - one["codes"]).abs().max() > 1e-2  # the test would see a missing all-reduce
 
 
 def test_torchrun_pretrain_two_processes_writes_once_and_resumes(tiny_dataset, tmp_path):

@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-BACKBONES = ("resnet18", "resnet50", "convnet", "vit_tiny", "vit_small")
-VITS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6)}  # width, depth, heads (DeiT / DINO sizes)
+BACKBONES = ("resnet18", "resnet50", "convnet", "vit_tiny", "vit_small", "vit_micro")
+VITS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),  # width, depth, heads (DeiT / DINO sizes)
+        "vit_micro": (64, 4, 2)}  # a test / CPU-demo size (~0.2M parameters), not a published model
 
 
 class Backbone(nn.Module):

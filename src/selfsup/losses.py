@@ -190,3 +190,218 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0, va
     covariance = _vicreg_covariance(z1) + _vicreg_covariance(z2)
     total = sim_weight * invariance + var_weight * variance + cov_weight * covariance
     return total, {"invariance": invariance, "variance": variance, "covariance": covariance}
+
+
+# --------------------------------------------------------------------------------------------------
+# masked image modelling: MAE
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each patch (last dim: its p*p*C pixels) minus its mean, divided by ``sqrt(var + eps)``: MAE's
+    normalised-pixel target (He et al. 2022, Sec. 3 "Reconstruction target"; the unbiased variance,
+    as ``target.var(-1)`` in the reference code)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+@_float32
+def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True,
+             eps: float = 1e-6) -> torch.Tensor:
+    """MAE's reconstruction loss (He et al., CVPR 2022, Sec. 3): the mean squared error in pixel space
+    between predicted and true patches, computed on the masked patches only::
+
+        t    = normalize_patches(target) if norm_pix else target     # (B, N, P)
+        L    = sum_{b,n} mask[b,n] * mean_P (pred[b,n] - t[b,n])^2 / sum_{b,n} mask[b,n]
+
+    ``pred`` and ``target`` are ``(B, N, P)`` patch sequences (see ``methods.mae.patchify``), ``mask``
+    ``(B, N)`` is 1 on the masked (removed) patches and 0 on the visible ones, whose predictions do
+    not enter the loss. Computed in float32."""
+    pred, target, mask = pred.float(), target.float(), mask.float()
+    if norm_pix:
+        target = normalize_patches(target, eps)
+    per_patch = (pred - target).square().mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# MoCo v3 and distillation (SimCLR v2 Sec. 2, SEED)
+
+
+@_float32
+def moco_v3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """``ctr(q, k)`` of MoCo v3 (Chen, Xie & He 2021, Algorithm 1), scaled by ``2 tau`` as in the
+    official code::
+
+        logits = normalize(q) @ normalize(k)^T / tau      (N, N): the keys of the batch are the candidates
+        ctr    = 2 tau * CrossEntropy(logits, labels = [0, 1, ..., N-1])   # positives on the diagonal
+
+    The keys come from the momentum encoder and get no gradient. Distributed training
+    (``selfsup.distributed``): the candidates are the keys of the global batch (all-gathered) and the
+    label of local query ``i`` is ``rank * n + i``; the mean of this loss over processes is the
+    single-process loss of the global batch. MoCo v3's loss is ``ctr(q1, k2) + ctr(q2, k1)``.
+    """
+    from .distributed import gather, rank
+
+    if q.shape != k.shape or q.dim() != 2:
+        raise ValueError(f"moco_v3_loss expects q and k of equal shape (N, D), got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    n = q.shape[0]
+    q = F.normalize(q.float(), dim=1)
+    keys = gather(F.normalize(k.detach().float(), dim=1))  # (N_global, D), no gradient
+    logits = q @ keys.t() / temperature
+    labels = torch.arange(n, device=q.device) + rank() * n
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+@_float32
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                      teacher_temperature: float | None = None) -> torch.Tensor:
+    """Knowledge distillation on unlabeled data, SimCLR v2 (Chen et al. 2020, Sec. 2, Eq. 2)::
+
+        L = - sum_y P_T(y | x; tau_T) log P_S(y | x; tau_S),   P(y | x; tau) = softmax(logits / tau)_y
+
+    averaged over the batch: the cross entropy of the student's softmax against the teacher's (equal
+    to KL(P_T || P_S) plus the teacher's entropy, a constant). ``teacher_temperature`` defaults to
+    ``temperature`` (SimCLR v2 uses one tau for both). The teacher's logits get no gradient.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"distillation_loss: logits of different shapes {tuple(student_logits.shape)} and "
+                         f"{tuple(teacher_logits.shape)}")
+    t_t = temperature if teacher_temperature is None else teacher_temperature
+    p_teacher = F.softmax(teacher_logits.detach().float() / t_t, dim=-1)
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return -(p_teacher * log_p_student).sum(dim=-1).mean()
+
+
+def seed_logits(z: torch.Tensor, z_teacher: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+    """Similarities of the L2-normalised ``z`` (N, D) to SEED's instance set ``D+ = [z_T; queue]``
+    (Fang et al. 2021, Eq. 2-3): column 0 is the sample's own teacher embedding ``z_T`` (N, D),
+    columns 1..K the queue of past teacher embeddings (K, D). Returns (N, 1 + K)."""
+    z, zt = F.normalize(z.float(), dim=1), F.normalize(z_teacher.detach().float(), dim=1)
+    bank = F.normalize(queue.detach().float(), dim=1)
+    return torch.cat([(z * zt).sum(dim=1, keepdim=True), z @ bank.t()], dim=1)
+
+
+@_float32
+def seed_loss(z_student: torch.Tensor, z_teacher: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2,
+              teacher_temperature: float = 0.01) -> torch.Tensor:
+    """SEED, self-supervised distillation (Fang, Wang, Wang, Zhang, Yang & Liu, ICLR 2021, Eq. 2-4):
+    the student mimics the teacher's similarity distribution over an instance queue::
+
+        p_T = softmax( z_T . D+ / tau_T ),   p_S = softmax( z_S . D+ / tau_S ),   D+ = [z_T; queue]
+        L   = - sum_j p_T[j] log p_S[j]                    (averaged over the batch)
+
+    with every embedding L2-normalised and the queue holding teacher embeddings of past batches. It is
+    :func:`distillation_loss` (SimCLR v2's Eq. 2) with the instances of ``D+`` as the "classes"."""
+    if z_student.shape != z_teacher.shape or queue.dim() != 2 or queue.shape[1] != z_student.shape[1]:
+        raise ValueError(f"seed_loss expects z_student, z_teacher (N, D) and queue (K, D), got "
+                         f"{tuple(z_student.shape)}, {tuple(z_teacher.shape)} and {tuple(queue.shape)}")
+    return distillation_loss(seed_logits(z_student, z_teacher, queue), seed_logits(z_teacher, z_teacher, queue),
+                             temperature, teacher_temperature)
+
+
+# --------------------------------------------------------------------------------------------------
+# clustering / self-distillation losses: SwAV (Sinkhorn codes, swapped prediction) and DINO
+
+
+@_float32
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """SwAV's codes (Caron et al. 2020, Eq. 3 and Algorithm 1's ``distributed_sinkhorn``): the
+    soft assignment ``Q`` of ``B`` samples to ``K`` prototypes that maximises
+    ``Tr(Q^T C^T Z) + epsilon H(Q)`` over the transportation polytope where every prototype gets
+    ``B/K`` of the mass (equipartition) and every sample a mass of 1::
+
+        Q = exp(scores / epsilon)^T                     # (K, B), scores = z . c (cosines)
+        Q /= sum(Q)
+        repeat `iterations` times:                      # Sinkhorn-Knopp
+            Q /= sum_b Q  (rows);    Q /= K             # each prototype: total mass 1/K
+            Q /= sum_k Q  (columns); Q /= B             # each sample:    total mass 1/B
+        return (B * Q)^T                                # (B, K), every row sums to 1
+
+    ``scores`` (n, K) are this process's samples. Distributed (``selfsup.distributed``): the sums
+    over the batch (the total and the row sums) are all-reduced and ``B`` is the global batch size,
+    exactly as the official code does, so W processes x n samples give the codes of one process with
+    the W n samples. Numerics: the scores' maximum (all-reduced) is subtracted first (a constant factor
+    that the first normalisation removes) and the iterations run in float64, so that for cosine scores
+    ``exp`` neither overflows nor underflows to a prototype row of zeros (0/0) down to epsilon ~ 0.003
+    (float32 fails below ~0.02). Returns float32 codes, without gradient.
+    """
+    from . import distributed
+
+    if scores.dim() != 2:
+        raise ValueError(f"sinkhorn expects (B, K) scores, got {tuple(scores.shape)}")
+
+    def all_reduce(t: torch.Tensor, maximum: bool = False) -> torch.Tensor:
+        if distributed.is_distributed():
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if maximum else dist.ReduceOp.SUM)
+        return t
+
+    scores = scores.detach().double()
+    q = torch.exp((scores - all_reduce(scores.max().clone(), maximum=True)) / epsilon).t()  # (K, n)
+    k, b = q.shape[0], q.shape[1] * distributed.world_size()
+    q /= all_reduce(q.sum())
+    for _ in range(iterations):
+        q /= all_reduce(q.sum(dim=1, keepdim=True))
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    return (q * b).t().float()
+
+
+@_float32
+def swav_loss(scores: torch.Tensor, codes: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """SwAV's swapped prediction with multi-crop (Caron et al. 2020, Eq. 1-2 and Eq. 4)::
+
+        l(z_v, q_a) = - sum_k q_a^(k) log p_v^(k),    p_v = softmax(z_v . C / temperature)
+        L = 1/A sum_{a < A} 1/(V - 1) sum_{v != a} mean_batch l(z_v, q_a)
+
+    ``scores`` (V, n, K) are the prototype scores ``z . c`` of all V crops of n images, the A crops
+    that get codes first (the global views); ``codes`` (A, n, K) are their Sinkhorn codes
+    (:func:`sinkhorn`), constants: each code is predicted from every other crop of its image.
+    """
+    if scores.dim() != 3 or codes.dim() != 3 or codes.shape[1:] != scores.shape[1:] or codes.shape[0] > scores.shape[0]:
+        raise ValueError(f"swav_loss expects scores (V, n, K) and codes (A <= V, n, K), got {tuple(scores.shape)} "
+                         f"and {tuple(codes.shape)}")
+    n_views, n_codes = scores.shape[0], codes.shape[0]
+    if n_views < 2:
+        raise ValueError("swav_loss needs at least two crops per image")
+    log_p = F.log_softmax(scores.float() / temperature, dim=-1)
+    codes = codes.detach().float()
+    total = scores.new_zeros((), dtype=torch.float32)
+    for a in range(n_codes):
+        others = [v for v in range(n_views) if v != a]
+        total = total - (codes[a] * log_p[others]).sum(-1).mean(-1).sum() / len(others)
+    return total / n_codes
+
+
+@_float32
+def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float = 0.1,
+              teacher_temp: float = 0.04) -> torch.Tensor:
+    """DINO's self-distillation cross-entropy (Caron et al. 2021, Eq. 1-2 and Algorithm 1)::
+
+        P_t = softmax((g_t(x_a) - C) / tau_t)           # teacher: centred, sharpened (tau_t ~ 0.04-0.07)
+        P_s = softmax(g_s(x_v) / tau_s)                 # student, tau_s = 0.1
+        L = mean over pairs (a < G, v != a) of  mean_batch  - sum_k P_t^(k) log P_s^(k)
+
+    ``student`` (V, n, K) are the student's outputs for all V crops of n images, the G global crops
+    first in the order of ``teacher`` (G, n, K), the teacher's outputs for the global crops only;
+    ``center`` (K,) or (1, K). Every teacher view is predicted from every other student view:
+    G (V - 1) pairs. The teacher gets no gradient (stop-gradient).
+    """
+    if student.dim() != 3 or teacher.dim() != 3 or teacher.shape[1:] != student.shape[1:] \
+            or teacher.shape[0] > student.shape[0]:
+        raise ValueError(f"dino_loss expects student (V, n, K) and teacher (G <= V, n, K), got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    log_ps = F.log_softmax(student.float() / student_temp, dim=-1)
+    pt = F.softmax((teacher.detach().float() - center.detach().float().reshape(1, 1, -1)) / teacher_temp, dim=-1)
+    total, pairs = student.new_zeros((), dtype=torch.float32), 0
+    for a in range(teacher.shape[0]):
+        for v in range(student.shape[0]):
+            if v != a:
+                total = total - (pt[a] * log_ps[v]).sum(-1).mean()
+                pairs += 1
+    return total / pairs

@@ -8,14 +8,20 @@ from .bigan import BiGAN
 from .byol import BYOL
 from .colorization import Colorization
 from .dcgan import DCGAN
+from .dino import DINO
+from .distill import Distill
 from .deepcluster import DeepCluster
 from .inpainting import Inpainting
 from .jigsaw import Jigsaw
+from .mae import MAE
 from .moco_v2 import MoCoV2
+from .moco_v3 import MoCoV3
 from .relative_location import RelativeLocation
 from .rotation import Rotation
 from .simclr import SimCLR
+from .simclr_v2 import SimCLRv2
 from .simsiam import SimSiam
+from .swav import SwAV
 from .vicreg import VICReg
 
 METHODS: dict[str, type[Method]] = {
@@ -23,9 +29,9 @@ METHODS: dict[str, type[Method]] = {
         # context-based (spatial context, then context similarity)
         Rotation, Jigsaw, RelativeLocation, DeepCluster,
         # generation-based
-        Colorization, Inpainting, DCGAN, BiGAN,
+        Colorization, Inpainting, DCGAN, BiGAN, MAE,
         # joint-embedding
-        SimCLR, MoCoV2, BYOL, SimSiam, BarlowTwins, VICReg,
+        SimCLR, MoCoV2, BYOL, SimSiam, BarlowTwins, VICReg, MoCoV3, SimCLRv2, Distill, SwAV, DINO,
     )
 }
 
