@@ -15,6 +15,7 @@ interrupted table continues where it stopped (an interrupted pretraining is resu
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -80,14 +81,21 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=1))
 
     base = results.get(f"random:{args.backbone}")
-    lines = [f"| method | kNN top-1 (k={args.k}) | linear top-1 | pretraining wall time |", "|---|---|---|---|"]
+    lines = [f"| method | kNN top-1 (k={args.k}) | linear top-1 | training steps time | source img/s |",
+             "|---|---|---|---|---|"]
     for name in rows:
         e = results[name]
-        t = f"{e['pretrain_s'] / 60:.1f} min" if "pretrain_s" in e else "-"
+        t, speed = "-", "-"
+        metrics = out / name / "metrics.csv"
+        if not name.startswith("random:") and metrics.exists():
+            last = list(csv.DictReader(open(metrics)))[-1]
+            secs = float(last["elapsed_s"])  # time inside training steps (no data decoding, health, figures)
+            t = f"{secs / 60:.1f} min"
+            speed = f"{int(round(float(last['step']) * args.batch_size / secs))}"
         mark = ""
         if base and name != f"random:{args.backbone}" and (e["knn"] <= base["knn"] or e["linear"] <= base["linear"]):
             mark = " (not above random init)"
-        lines.append(f"| {name}{mark} | {e['knn']:.3f} | {e['linear']:.3f} | {t} |")
+        lines.append(f"| {name}{mark} | {e['knn']:.3f} | {e['linear']:.3f} | {t} | {speed} |")
     header = (f"{args.backbone}, {args.image_size} px, batch {args.batch_size}, {args.epochs} epoch(s) over "
               f"{Path(args.data) / 'train'}; kNN and linear probe on all training labels, test split.")
     table = header + "\n\n" + "\n".join(lines) + "\n"

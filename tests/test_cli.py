@@ -12,8 +12,13 @@ from selfsup.cli import main
 def test_methods_lists_one_line_per_method(capsys):
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [ln.split()[0] for ln in lines] == ["rotation", "simclr", "moco_v2", "byol", "simsiam",
-                                                    "barlow_twins", "vicreg"]
+    assert [ln.split()[0] for ln in lines] == [
+        "rotation", "jigsaw", "relative_location", "deepcluster",  # context-based
+        "colorization", "inpainting", "dcgan", "bigan", "mae",  # generation-based
+        "simclr", "moco_v2", "byol", "simsiam", "barlow_twins", "vicreg", "moco_v3", "simclr_v2", "distill",
+        "swav", "dino"]  # joint-embedding
+    families = {ln.split()[0]: ln.split()[1] for ln in lines}
+    assert families["jigsaw"] == "[context-based]" and families["mae"] == "[generation-based]"
 
 
 def test_pretrain_then_evaluate(tiny_dataset, tmp_path, capsys):
