@@ -44,10 +44,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..data.views import augment, eval_view, normalize
+from ..data.views import eval_view
 from ..figures import image_grid, sample_images
 from .base import Method, split_decay
-from .dcgan import build_generator, d_accuracies, d_loss, dcgan_init, generator_plan
+from .dcgan import GeneratorPlayer, build_generator, d_accuracies, d_loss, dcgan_init, generator_plan
 
 
 class JointDiscriminator(nn.Module):
@@ -79,7 +79,7 @@ class JointDiscriminator(nn.Module):
         return self.joint(h).float().squeeze(1)
 
 
-class BiGAN(Method):
+class BiGAN(GeneratorPlayer, Method):
     name = "bigan"
     family = "generation-based"
     summary = "BiGAN/ALI (Donahue et al. 2017, Dumoulin et al. 2017): encoder + generator vs a joint D(x, z)"
@@ -106,22 +106,7 @@ class BiGAN(Method):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.enc_head(self.backbone(x)).float()
 
-    def to_images(self, g_out: torch.Tensor) -> torch.Tensor:
-        """The generator's tanh output as images in [0, 1]."""
-        return (g_out.float() + 1) / 2
-
-    def fake(self, z: torch.Tensor) -> torch.Tensor:
-        """``G(z)`` as the networks see images: in [0, 1], then normalised like the real ones."""
-        return self.fmt(normalize(self.to_images(self.generator(z)), self.cfg.aug.mean, self.cfg.aug.std))
-
-    def sample_noise(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        return torch.randn(n, self.hp.z_dim, generator=generator, device=generator.device).to(device)
-
-    # -- the step --------------------------------------------------------------------------------
-    def prepare(self, images, generator):
-        x = augment(images, self.cfg.aug, generator)
-        return self.fmt(x), self.sample_noise(x.shape[0], generator, x.device)
-
+    # -- the step (prepare, fake, sample_noise: GeneratorPlayer) --------------------------------------
     def phase_step(self, batch, phase):
         x, z = batch
         if phase == "d":

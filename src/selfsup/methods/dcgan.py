@@ -153,7 +153,29 @@ def d_accuracies(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> dict[s
 # --------------------------------------------------------------------------------------------------
 
 
-class DCGAN(Method):
+class GeneratorPlayer:
+    """What DCGAN and BiGAN share around their generator ``self.generator`` (``self.hp.z_dim``): noise
+    drawn in ``prepare`` from the step's generator (exact resume), and generated images presented
+    exactly as real ones are (in [0, 1], then normalised like evaluation's input)."""
+
+    def to_images(self, g_out: torch.Tensor) -> torch.Tensor:
+        """The generator's tanh output as images in [0, 1]."""
+        return (g_out.float() + 1) / 2
+
+    def fake(self, z: torch.Tensor) -> torch.Tensor:
+        """``G(z)`` as the networks see images: in [0, 1], then normalised like the real ones."""
+        return self.fmt(normalize(self.to_images(self.generator(z)), self.cfg.aug.mean, self.cfg.aug.std))
+
+    def sample_noise(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return torch.randn(n, self.hp.z_dim, generator=generator, device=generator.device).to(device)
+
+    def prepare(self, images, generator):
+        """Real views (light augmentation) and the step's noise ``z``."""
+        x = augment(images, self.cfg.aug, generator)
+        return self.fmt(x), self.sample_noise(x.shape[0], generator, x.device)
+
+
+class DCGAN(GeneratorPlayer, Method):
     name = "dcgan"
     family = "generation-based"
     summary = "DCGAN (Radford et al. 2016): the GAN discriminator (backbone + real/fake logit) is the encoder"
@@ -175,22 +197,7 @@ class DCGAN(Method):
     def discriminator(self, x: torch.Tensor) -> torch.Tensor:
         return self.d_head(self.backbone(x)).float().squeeze(1)
 
-    def to_images(self, g_out: torch.Tensor) -> torch.Tensor:
-        """The generator's tanh output as images in [0, 1]."""
-        return (g_out.float() + 1) / 2
-
-    def fake(self, z: torch.Tensor) -> torch.Tensor:
-        """``G(z)`` as the backbone sees images: in [0, 1], then normalised like the real ones."""
-        return self.fmt(normalize(self.to_images(self.generator(z)), self.cfg.aug.mean, self.cfg.aug.std))
-
-    def sample_noise(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        return torch.randn(n, self.hp.z_dim, generator=generator, device=generator.device).to(device)
-
     # -- the step --------------------------------------------------------------------------------
-    def prepare(self, images, generator):
-        x = augment(images, self.cfg.aug, generator)
-        return self.fmt(x), self.sample_noise(x.shape[0], generator, x.device)
-
     def phase_step(self, batch, phase):
         x, z = batch
         b = x.shape[0]
