@@ -5,10 +5,15 @@
 
 For each run (and ``random:BACKBONE``, written to OUT/random) it runs ``selfsup evaluate`` with knn,
 linear, layers, retrieval, robustness, finetune at each ``--fractions``, and pseudolabel / fixmatch
-at the fractions below 1; the supervised-from-scratch baseline is ``random:BACKBONE --protocol finetune
---fraction 1.0`` (in OUT/random). Evaluations already written are not redone, so an interrupted suite
-continues. Finally ``selfsup compare`` writes OUT/compare/compare.{md,csv,html} and each run gets its
-``report.html``. ``--finetune-epochs`` bounds the fine-tuning budget (default: the protocol's own).
+at the fractions below 1 (for the random baseline only with ``--semi-baseline``: the semi-supervised
+protocols start from a pretrained backbone); the supervised-from-scratch baseline is
+``random:BACKBONE --protocol finetune --fraction 1.0`` (in OUT/random). Evaluations already written
+are not redone, so an interrupted suite continues. Finally ``selfsup compare`` writes
+OUT/compare/compare.{md,csv,html} and each run gets its ``report.html``.
+
+Budget: ``--finetune-steps`` / ``--semi-steps`` fix the number of optimizer steps of every fraction
+(batch 64 labeled, plus ``--mu`` x 64 unlabeled for pseudolabel / fixmatch), so that 1%, 10% and 100%
+get the same compute; without them each protocol uses its own default (30 epochs, 500-10,000 steps).
 """
 
 from __future__ import annotations
@@ -37,7 +42,10 @@ def main() -> None:
     ap.add_argument("--backbone", default="convnet", help="backbone of the random-init / supervised baselines")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.1, 1.0])
-    ap.add_argument("--finetune-epochs", type=int, help="epochs for finetune / pseudolabel / fixmatch")
+    ap.add_argument("--finetune-steps", type=int, help="optimizer steps of finetune (default: the protocol's)")
+    ap.add_argument("--semi-steps", type=int, help="optimizer steps of pseudolabel / fixmatch (default: theirs)")
+    ap.add_argument("--mu", type=int, help="pseudolabel / fixmatch: unlabeled images per labeled one (default 7)")
+    ap.add_argument("--semi-baseline", action="store_true", help="also run pseudolabel / fixmatch from random init")
     ap.add_argument("--protocols", nargs="+", default=FROZEN + ["finetune", "pseudolabel", "fixmatch"])
     args = ap.parse_args()
 
@@ -49,6 +57,8 @@ def main() -> None:
                                                              str(args.image_size)]))
     for name, eval_dir, extra in targets:
         for protocol in args.protocols:
+            if protocol in ("pseudolabel", "fixmatch") and name.startswith("random:") and not args.semi_baseline:
+                continue
             if protocol in FROZEN:
                 jobs = [(protocol, None)]
             else:
@@ -62,8 +72,11 @@ def main() -> None:
                              "--no-progress", *extra]
                 if frac is not None:
                     cmd += ["--fraction", f"{frac:g}"]
-                    if args.finetune_epochs:
-                        cmd += ["--epochs", str(args.finetune_epochs)]
+                    steps = args.finetune_steps if proto == "finetune" else args.semi_steps
+                    if steps:
+                        cmd += ["--steps", str(steps)]
+                    if args.mu and proto != "finetune":
+                        cmd += ["--mu", str(args.mu)]
                 run(cmd)
     for r in args.runs:
         run(exe + ["report", r, "--data", args.data])

@@ -8,8 +8,12 @@ Every method is trained with the same backbone, image size, batch size and numbe
 method's own preset otherwise: optimizer, lr, augmentation, method parameters), one after another in
 a fresh process (``selfsup pretrain``), then evaluated on the labeled train/test splits with
 ``selfsup evaluate --protocol knn`` and ``--protocol linear``. ``random:BACKBONE`` (no training) is the
-baseline row. A method whose run and evaluations already exist in OUT is not redone, so an
-interrupted table continues where it stopped (an interrupted pretraining is resumed).
+baseline row (one per backbone used). A method whose run and evaluations already exist in OUT is not
+redone, so an interrupted table continues where it stopped (an interrupted pretraining is resumed).
+
+``--set METHOD:key=value`` (repeatable) adds a config override for one method, e.g.
+``--set mae:model.backbone=vit_tiny`` (MAE needs a ViT; the table then also gets a ``random:vit_tiny``
+row) or ``--set distill:params.teacher=runs/table/simclr``.
 """
 
 from __future__ import annotations
@@ -43,23 +47,45 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--k", type=int, default=200, help="kNN neighbours")
-    ap.add_argument("--no-random", action="store_true", help="skip the random-init baseline row")
+    ap.add_argument("--no-random", action="store_true", help="skip the random-init baseline rows")
+    ap.add_argument("--set", action="append", default=[], metavar="METHOD:key=value",
+                    help="a config override for one method (repeatable)")
     args = ap.parse_args()
+    per_method: dict[str, list[str]] = {}
+    for item in args.set:
+        method, sep, kv = item.partition(":")
+        if not sep or "=" not in kv or method not in args.methods:
+            ap.error(f"--set takes METHOD:key=value with METHOD one of --methods, got {item!r}")
+        per_method.setdefault(method, []).append(kv)
+    backbone_of = {m: args.backbone for m in args.methods}
+    for m, kvs in per_method.items():
+        for kv in kvs:
+            if kv.startswith("model.backbone="):
+                backbone_of[m] = kv.split("=", 1)[1]
+        per_method[m] = [kv for kv in kvs if not kv.startswith("model.backbone=")]
+    backbones = list(dict.fromkeys(backbone_of.values()))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     exe = [sys.executable, "-m", "selfsup"]
-    rows = ([] if args.no_random else [f"random:{args.backbone}"]) + list(args.methods)
+    randoms = [] if args.no_random else [f"random:{b}" for b in backbones]
+    rows = randoms + list(args.methods)
+
+    def run_dir_of(name: str) -> Path:
+        if name.startswith("random:"):  # the first backbone's baseline keeps the plain name "random"
+            return out / ("random" if name == f"random:{args.backbone}" else "random-" + name.split(":", 1)[1])
+        return out / name
+
     for name in rows:
         is_random = name.startswith("random:")
-        run_dir = out / ("random" if is_random else name)
+        run_dir = run_dir_of(name)
         entry = results.get(name, {})
         if not is_random and "pretrain_s" not in entry:
             cmd = exe + ["pretrain", "--method", name, "--data", str(Path(args.data) / "train"), "--out", str(run_dir),
-                         "--backbone", args.backbone, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                         "--image-size", str(args.image_size), "--no-progress"]
+                         "--backbone", backbone_of[name], "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                         "--image-size", str(args.image_size), "--no-progress", *per_method.get(name, [])]
             if (run_dir / "checkpoints" / "last.pt").exists():
                 cmd.append("--resume")
             entry["pretrain_s"] = round(run(cmd), 1)
@@ -80,23 +106,23 @@ def main() -> None:
         results[name] = entry
         results_path.write_text(json.dumps(results, indent=1))
 
-    base = results.get(f"random:{args.backbone}")
     lines = [f"| method | kNN top-1 (k={args.k}) | linear top-1 | training steps time | source img/s |",
              "|---|---|---|---|---|"]
     for name in rows:
         e = results[name]
         t, speed = "-", "-"
-        metrics = out / name / "metrics.csv"
+        metrics = run_dir_of(name) / "metrics.csv"
         if not name.startswith("random:") and metrics.exists():
             last = list(csv.DictReader(open(metrics)))[-1]
             secs = float(last["elapsed_s"])  # time inside training steps (no data decoding, health, figures)
             t = f"{secs / 60:.1f} min"
             speed = f"{int(round(float(last['step']) * args.batch_size / secs))}"
-        mark = ""
-        if base and name != f"random:{args.backbone}" and (e["knn"] <= base["knn"] or e["linear"] <= base["linear"]):
+        mark, base = "", results.get(f"random:{backbone_of.get(name)}")
+        label = name if backbone_of.get(name, args.backbone) == args.backbone else f"{name} ({backbone_of[name]})"
+        if base and not name.startswith("random:") and (e["knn"] <= base["knn"] or e["linear"] <= base["linear"]):
             mark = " (not above random init)"
-        lines.append(f"| {name}{mark} | {e['knn']:.3f} | {e['linear']:.3f} | {t} | {speed} |")
-    header = (f"{args.backbone}, {args.image_size} px, batch {args.batch_size}, {args.epochs} epoch(s) over "
+        lines.append(f"| {label}{mark} | {e['knn']:.3f} | {e['linear']:.3f} | {t} | {speed} |")
+    header = (f"{args.backbone} (unless named), {args.image_size} px, batch {args.batch_size}, {args.epochs} epoch(s) over "
               f"{Path(args.data) / 'train'}; kNN and linear probe on all training labels, test split.")
     table = header + "\n\n" + "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)

@@ -124,3 +124,48 @@ def test_layers_and_retrieval_protocols_write_json(tiny_dataset, tmp_path):
                  progress=False)
     saved = json.loads((out / "retrieval.json").read_text())
     assert saved["top1"] == saved["precision@1"] and 0 <= saved["map"] <= 1 and "precision@20" in saved
+
+
+def test_features_are_cached_per_weights_and_split(tiny_dataset, tmp_path, monkeypatch):
+    """knn then linear on one run extract each split once; new weights or a partial array miss."""
+    import selfsup.evaluate.features as features
+    from selfsup.data import load_images
+    from selfsup.evaluate import load_encoder
+
+    calls = []
+    real = features.extract_features
+    monkeypatch.setattr(features, "extract_features", lambda enc, images, *a, **k: calls.append(len(images))
+                        or real(enc, images, *a, **k))
+    out = tmp_path / "eval"
+    knn = evaluate("random:convnet", "knn", str(tiny_dataset), str(tiny_dataset), out=out, image_size=16,
+                   progress=False)
+    assert calls == [64, 32]
+    assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 2
+    evaluate("random:convnet", "linear", str(tiny_dataset), str(tiny_dataset), out=out, image_size=16,
+             progress=False)
+    again = evaluate("random:convnet", "knn", str(tiny_dataset), str(tiny_dataset), out=out, image_size=16,
+                     progress=False)
+    assert calls == [64, 32] and again["top1"] == knn["top1"]  # both splits came from the cache
+
+    enc = load_encoder("random:convnet", image_size=16)
+    train = load_images(str(tiny_dataset), split="train", image_size=16)
+    direct = real(enc, train.images)
+    assert torch.equal(features.cached_features(enc, train.images), direct)  # a hit equals extraction
+    assert len(calls) == 2
+    with torch.no_grad():  # other weights: a miss
+        next(enc.backbone.parameters()).add_(1.0)
+    features.cached_features(enc, train.images)
+    assert calls[-1] == 64 and len(calls) == 3
+    features.cached_features(enc, train.images[:10])  # part of a split: extracted, never cached
+    features.cached_features(enc, train.images[:10])
+    assert calls[-2:] == [10, 10]
+    files = list((tmp_path / "cache" / "features").glob("*.pt"))
+    assert len(files) == 3
+    newest = max(files, key=lambda p: p.stat().st_mtime_ns)  # the changed weights' train features
+    newest.write_bytes(b"garbage")  # a damaged file is extracted again and rewritten, not an error
+    assert features.cached_features(enc, train.images).shape == direct.shape and len(calls) == 6
+    features.cached_features(enc, train.images)
+    assert len(calls) == 6  # rewritten: a hit again
+    monkeypatch.setenv("SELFSUP_FEATURE_CACHE", "0")
+    features.cached_features(enc, train.images)
+    assert len(calls) == 7

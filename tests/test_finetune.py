@@ -138,3 +138,23 @@ def test_cli_finetune_fraction(tiny_dataset, tmp_path, capsys):
     assert saved["fraction"] == 0.5 and saved["n_labeled"] == 32 and saved["steps"] == 2 and 0 <= saved["top1"] <= 1
     assert "finetune_0.5.json" in capsys.readouterr().out
     assert main(args[:3] + ["knn", "--fraction", "0.5"] + args[10:]) == 2  # --fraction is for the fraction protocols
+
+
+def test_steps_fix_the_budget_of_every_fraction(tiny_dataset, tmp_path):
+    """--steps N gives N optimizer steps whatever the fraction (and overrides --epochs)."""
+    from selfsup.evaluate.finetune import count_steps
+
+    assert count_steps(8, None, 3) == 3 and count_steps(8, 2, 3) == 3 and count_steps(8, 2) == 16
+    assert count_steps(8, None) == 500 and count_steps(1000, None) == 10_000
+    out = tmp_path / "eval"
+    for fraction in ("0.25", "1.0"):
+        args = ["evaluate", "random:convnet", "--protocol", "finetune", "--fraction", fraction, "--steps", "3",
+                "--epochs", "5", "--batch-size", "8", "--train", str(tiny_dataset), "--test", str(tiny_dataset),
+                "--out", str(out), "--image-size", "16", "--no-progress"]
+        assert main(args) == 0
+        saved = json.loads((out / f"finetune_{float(fraction):g}.json").read_text())
+        assert saved["steps"] == 3 and saved["epochs"] != 5
+    args[args.index("--steps") + 1] = "0"
+    assert main(args) == 2  # a clear error, not a crash
+    assert main(["evaluate", "random:convnet", "--protocol", "knn", "--steps", "3", "--train", str(tiny_dataset),
+                 "--test", str(tiny_dataset), "--out", str(out), "--image-size", "16"]) == 2

@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                     "labels, class-balanced, fixed seed, e.g. 0.01, 0.1, 1.0 (default 1.0)")
     ev.add_argument("--epochs", type=int, help="finetune/pseudolabel/fixmatch: passes over the labeled (finetune) "
                     "or unlabeled images (default 30, but 500 to 10,000 steps)")
+    ev.add_argument("--steps", type=int, help="finetune/pseudolabel/fixmatch: optimizer steps (overrides --epochs)")
     ev.add_argument("--batch-size", type=int, help="finetune/pseudolabel/fixmatch: labeled batch (default 64)")
     ev.add_argument("--lr", type=float, help="finetune/pseudolabel/fixmatch: the head's SGD lr (default 0.03; "
                     "a pretrained backbone gets 0.1x)")
@@ -162,7 +163,7 @@ def _evaluate(args) -> int:
                  labels_per_class=args.labels_per_class, image_size=args.image_size, k=args.k,
                  temperature=args.temperature, device=args.device, seed=args.seed, progress=not args.no_progress,
                  fraction=args.fraction, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mu=args.mu,
-                 threshold=args.threshold)
+                 threshold=args.threshold, steps=args.steps)
     dest = Path(args.out) if args.out else Path(args.run) / "eval"
     n_train = f"{r['n_labeled']} labeled" if "n_labeled" in r else str(r["n_train"])
     print(f"{args.protocol} top-1: {r['top1']:.4f}  ({n_train} train / {r['n_test']} test images; "

@@ -41,7 +41,7 @@ import torch
 
 from ..config import ConfigError
 from ..data import CachedImages, load_images
-from .features import Encoder, extract_features, load_encoder
+from .features import Encoder, cached_features, extract_features, load_encoder
 from .knn import knn_predict, knn_top1
 from .features import extract_stage_features
 from .linear import linear_probe
@@ -100,9 +100,9 @@ def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | N
              temperature: float = 0.1, device: str = "auto", seed: int = 0, cache_dir: str | None = None,
              progress: bool = True, encoder: Encoder | None = None, fraction: float | None = None,
              epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
-             mu: int | None = None, threshold: float | None = None) -> dict:
+             mu: int | None = None, threshold: float | None = None, steps: int | None = None) -> dict:
     """Run one protocol and write its json; returns the result dict. ``fraction`` (default 1),
-    ``epochs``, ``batch_size``, ``lr`` and, for the semi-supervised ones, ``mu`` and ``threshold``
+    ``epochs`` or ``steps``, ``batch_size``, ``lr`` and, for the semi-supervised ones, ``mu`` and ``threshold``
     (fixmatch) apply to the fraction protocols; None keeps their defaults (``finetune.py``, ``semi.py``)."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol '{protocol}'; choose one of: {', '.join(PROTOCOLS)}")
@@ -116,8 +116,10 @@ def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | N
             raise ConfigError("--threshold applies to fixmatch only")
         if protocol == "finetune" and mu is not None:
             raise ConfigError("--mu applies to pseudolabel and fixmatch only")
-    elif any(v is not None for v in (fraction, epochs, batch_size, lr, mu, threshold)):
-        raise ConfigError(f"--fraction/--epochs/--batch-size/--lr/--mu/--threshold apply to the "
+        if steps is not None and steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {steps}")
+    elif any(v is not None for v in (fraction, epochs, steps, batch_size, lr, mu, threshold)):
+        raise ConfigError(f"--fraction/--epochs/--steps/--batch-size/--lr/--mu/--threshold apply to the "
                           f"{', '.join(FRACTION_PROTOCOLS)} protocols, not {protocol}")
     if out is None:
         if run.startswith("random:"):
@@ -138,7 +140,7 @@ def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | N
               "n_test": len(te), "num_classes": num_classes, "labels_per_class": labels_per_class,
               "backbone": encoder.spec}
     if protocol in FRACTION_PROTOCOLS:
-        options = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, mu=mu,
+        options = {k: v for k, v in dict(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, mu=mu,
                                          threshold=threshold).items() if v is not None}
         r, _ = fraction_protocol(protocol, encoder, tr.images, tr.labels, fraction_subset(tr.labels, fraction, seed),
                                  te.images, te.labels, num_classes, device=device, seed=seed, **options)
@@ -154,8 +156,8 @@ def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | N
         best = max(layers, key=lambda n: layers[n]["top1"])
         result.update(top1=layers[best]["top1"], best_layer=best, layers=layers)
     else:
-        ftr = extract_features(encoder, tr.images, device)
-        fte = extract_features(encoder, te.images, device)
+        ftr = cached_features(encoder, tr.images, device, cache_dir)
+        fte = cached_features(encoder, te.images, device, cache_dir)
         if protocol == "knn":
             result.update(top1=knn_top1(ftr, ytr, fte, yte, num_classes, k, temperature), k=k,
                           temperature=temperature)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,9 +13,12 @@ import torch
 
 from ..backbones import Backbone, backbone_spec, build_backbone
 from ..config import ConfigError
+from ..data.cache import default_cache_dir
 from ..data.views import AugConfig
 from ..runtime import embed, resolve_device
 from ..train import load_checkpoint
+
+log = logging.getLogger("selfsup")
 
 
 @dataclass
@@ -67,6 +73,65 @@ def extract_features(encoder: Encoder, images: np.ndarray, device: str | torch.d
     model = encoder.backbone.to(device).to(memory_format=torch.channels_last)
     view = AugConfig(size=encoder.spec["image_size"], mean=encoder.mean, std=encoder.std)
     return embed(model, images, view, device, encoder.precision, batch_size, encoder.input_mode)
+
+
+FEATURE_CACHE_KEEP = 16  # feature files kept in the cache folder (the least recently used go first)
+
+
+def feature_cache_key(encoder: Encoder, images: np.ndarray) -> str | None:
+    """A key for the features of ``encoder`` on ``images``, or None when ``images`` is not a whole
+    decoded split (a read-only memmap covering its cache file: only those have a stable identity).
+    The key hashes the backbone's weights and buffers, the view (size, mean, std, input, precision)
+    and the cache file's name, size and modification time, so new weights or new data never hit."""
+    fn = getattr(images, "filename", None)
+    if fn is None or not images.flags.c_contiguous or not os.path.exists(fn):
+        return None
+    st = os.stat(fn)
+    if st.st_size != images.nbytes:  # a view on part of the file
+        return None
+    h = hashlib.sha256()
+    for name, t in encoder.backbone.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(repr((sorted(encoder.spec.items()), tuple(encoder.mean), tuple(encoder.std), encoder.precision,
+                   encoder.input_mode, os.path.abspath(fn), st.st_size, st.st_mtime_ns, images.shape,
+                   torch.__version__)).encode())
+    return h.hexdigest()[:32]
+
+
+def cached_features(encoder: Encoder, images: np.ndarray, device: str | torch.device = "auto",
+                    cache_dir: str | None = None) -> torch.Tensor:
+    """:func:`extract_features`, remembered on disk: evaluating one run with several protocols (knn,
+    linear, retrieval, robustness) extracts its features once. Files go to ``<cache>/features``
+    (``cache_dir`` or ``$SELFSUP_CACHE`` or ``~/.cache/selfsup/cache``), written atomically, read
+    with ``weights_only=True``; at most ``FEATURE_CACHE_KEEP`` are kept. Arrays that are not a whole
+    decoded split are extracted every time. ``SELFSUP_FEATURE_CACHE=0`` turns the cache off."""
+    key = None if os.environ.get("SELFSUP_FEATURE_CACHE", "1") == "0" else feature_cache_key(encoder, images)
+    if key is None:
+        return extract_features(encoder, images, device)
+    folder = Path(cache_dir or default_cache_dir()) / "features"
+    path = folder / f"{key}.pt"
+    if path.exists():
+        try:
+            feats = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(feats, torch.Tensor) and feats.ndim == 2 and len(feats) == len(images):
+                os.utime(path)
+                log.info("features of %d images from %s", len(images), path)
+                return feats
+        except Exception as e:  # a damaged file: extract again and overwrite it
+            log.warning("ignoring unreadable feature cache %s (%s)", path, e)
+    feats = extract_features(encoder, images, device)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(feats, tmp)
+        os.replace(tmp, path)
+        old = sorted(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime)[:-FEATURE_CACHE_KEEP]
+        for p in old:
+            p.unlink(missing_ok=True)
+    except OSError as e:  # a read-only or full disk costs speed, never the result
+        log.warning("could not write the feature cache %s (%s)", path, e)
+    return feats
 
 
 def stage_grid(channels: int, spatial: int, max_dim: int) -> int:

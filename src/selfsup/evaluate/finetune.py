@@ -17,8 +17,9 @@ Recipe (one for every backbone, so methods are compared on equal terms):
   backbone (small updates keep the pretrained features while the random head settles; the usual
   fine-tuning practice) and 1.0 for ``random:`` backbones (nothing to preserve: a plain supervised run);
 * bf16 autocast and channels_last, as in pretraining;
-* length: ``epochs`` passes over the labeled subset if given; by default 30 epochs, but at least 500
-  and at most 10,000 steps (1% of CIFAR-10 is 8 steps an epoch at batch 64: 30 epochs would be 240).
+* length: ``steps`` optimizer steps if given, else ``epochs`` passes over the labeled subset if given;
+  by default 30 epochs, but at least 500 and at most 10,000 steps (1% of CIFAR-10 is 8 steps an epoch
+  at batch 64: 30 epochs would be 240). ``steps`` gives every fraction the same compute.
 
 :func:`train_classifier` is the loop shared with the semi-supervised protocols (``semi.py``): it
 draws the labeled batch (and, when given, a batch of unlabeled *images*, ``mu`` times larger), seeds
@@ -82,8 +83,13 @@ def default_backbone_lr_ratio(encoder: Encoder) -> float:
     return 1.0 if encoder.name.startswith("random:") else 0.1
 
 
-def count_steps(steps_per_epoch: int, epochs: int | None) -> int:
-    """``epochs`` passes if given; else ``DEFAULT_EPOCHS``, clamped to [MIN_STEPS, MAX_STEPS] steps."""
+def count_steps(steps_per_epoch: int, epochs: int | None, steps: int | None = None) -> int:
+    """``steps`` if given; else ``epochs`` passes if given; else ``DEFAULT_EPOCHS``, clamped to
+    [MIN_STEPS, MAX_STEPS] steps."""
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        return int(steps)
     if epochs is not None:
         return max(1, epochs * steps_per_epoch)
     return min(max(DEFAULT_EPOCHS * steps_per_epoch, MIN_STEPS), MAX_STEPS)
@@ -112,7 +118,7 @@ def load_batch(images: np.ndarray, idx: np.ndarray, device: torch.device) -> tor
 
 def train_classifier(model: Classifier, images: np.ndarray, labels: np.ndarray, step_loss: StepLoss, *,
                      unlabeled: np.ndarray | None = None, mu: int = 7, epochs: int | None = None,
-                     batch_size: int = 64, lr: float = 0.03, backbone_lr: float | None = None,
+                     steps: int | None = None, batch_size: int = 64, lr: float = 0.03, backbone_lr: float | None = None,
                      weight_decay: float = 5e-4, device: torch.device | str = "auto", precision: str = "bf16",
                      seed: int = 0, name: str = "finetune") -> dict:
     """Train ``model`` in place; the shared loop of fine-tuning and the semi-supervised protocols.
@@ -131,7 +137,7 @@ def train_classifier(model: Classifier, images: np.ndarray, labels: np.ndarray, 
     steps_per_epoch = math.ceil(len(images) / batch_size)
     if n_unlabeled:
         steps_per_epoch = max(steps_per_epoch, math.ceil(n_unlabeled / (mu * batch_size)))
-    total = count_steps(steps_per_epoch, epochs)
+    total = count_steps(steps_per_epoch, epochs, steps)
 
     model.to(device).to(memory_format=torch.channels_last).train()
     groups = [{"params": list(model.backbone.parameters()), "lr": backbone_lr},
@@ -178,7 +184,7 @@ def supervised_loss(view: AugConfig, input_mode: str) -> StepLoss:
 
 
 def finetune(encoder: Encoder, images: np.ndarray, labels: np.ndarray, num_classes: int, *,
-             epochs: int | None = None, batch_size: int = 64, lr: float = 0.03,
+             epochs: int | None = None, steps: int | None = None, batch_size: int = 64, lr: float = 0.03,
              backbone_lr_ratio: float | None = None, weight_decay: float = 5e-4,
              crop_scale: tuple[float, float] = (0.5, 1.0), device: torch.device | str = "auto",
              seed: int = 0) -> tuple[Classifier, dict]:
@@ -187,7 +193,7 @@ def finetune(encoder: Encoder, images: np.ndarray, labels: np.ndarray, num_class
     ratio = default_backbone_lr_ratio(encoder) if backbone_lr_ratio is None else backbone_lr_ratio
     model = new_classifier(encoder, num_classes, seed)
     info = train_classifier(model, images, labels, supervised_loss(weak_view(encoder, crop_scale), encoder.input_mode),
-                            epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr=lr * ratio,
+                            epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, backbone_lr=lr * ratio,
                             weight_decay=weight_decay, device=device, precision=encoder.precision, seed=seed)
     return model, info
 

@@ -59,7 +59,7 @@ def ramp_weight(step: int, t1: int, t2: int, alpha_f: float) -> float:
 
 def pseudolabel(encoder: Encoder, images: np.ndarray, labels: np.ndarray, unlabeled: np.ndarray,
                 num_classes: int, *, alpha_f: float = 3.0, t1: float = 0.1, t2: float = 0.6, mu: int = 7,
-                epochs: int | None = None, batch_size: int = 64, lr: float = 0.03,
+                epochs: int | None = None, steps: int | None = None, batch_size: int = 64, lr: float = 0.03,
                 backbone_lr_ratio: float | None = None, weight_decay: float = 5e-4,
                 crop_scale: tuple[float, float] = (0.5, 1.0), device: torch.device | str = "auto",
                 seed: int = 0) -> tuple[Classifier, dict]:
@@ -78,7 +78,7 @@ def pseudolabel(encoder: Encoder, images: np.ndarray, labels: np.ndarray, unlabe
 
     ratio = default_backbone_lr_ratio(encoder) if backbone_lr_ratio is None else backbone_lr_ratio
     model = new_classifier(encoder, num_classes, seed)
-    info = train_classifier(model, images, labels, step_loss, unlabeled=unlabeled, mu=mu, epochs=epochs,
+    info = train_classifier(model, images, labels, step_loss, unlabeled=unlabeled, mu=mu, epochs=epochs, steps=steps,
                             batch_size=batch_size, lr=lr, backbone_lr=lr * ratio, weight_decay=weight_decay,
                             device=device, precision=encoder.precision, seed=seed, name="pseudolabel")
     info.update(alpha_f=alpha_f, t1=t1, t2=t2, mu=mu)
@@ -120,7 +120,7 @@ def fixmatch_unlabeled_loss(strong_logits: torch.Tensor, pseudo: torch.Tensor, m
 
 def fixmatch(encoder: Encoder, images: np.ndarray, labels: np.ndarray, unlabeled: np.ndarray, num_classes: int, *,
              threshold: float = 0.95, lambda_u: float = 1.0, mu: int = 7, epochs: int | None = None,
-             batch_size: int = 64, lr: float = 0.03, backbone_lr_ratio: float | None = None,
+             steps: int | None = None, batch_size: int = 64, lr: float = 0.03, backbone_lr_ratio: float | None = None,
              weight_decay: float = 5e-4, crop_scale: tuple[float, float] = (0.5, 1.0),
              device: torch.device | str = "auto", seed: int = 0) -> tuple[Classifier, dict]:
     """FixMatch on labeled ``images``/``labels`` and ``unlabeled`` images (no labels). History records
@@ -140,7 +140,7 @@ def fixmatch(encoder: Encoder, images: np.ndarray, labels: np.ndarray, unlabeled
 
     ratio = default_backbone_lr_ratio(encoder) if backbone_lr_ratio is None else backbone_lr_ratio
     model = new_classifier(encoder, num_classes, seed)
-    info = train_classifier(model, images, labels, step_loss, unlabeled=unlabeled, mu=mu, epochs=epochs,
+    info = train_classifier(model, images, labels, step_loss, unlabeled=unlabeled, mu=mu, epochs=epochs, steps=steps,
                             batch_size=batch_size, lr=lr, backbone_lr=lr * ratio, weight_decay=weight_decay,
                             device=device, precision=encoder.precision, seed=seed, name="fixmatch")
     info.update(threshold=threshold, lambda_u=lambda_u, mu=mu)
@@ -180,7 +180,7 @@ def fraction_protocol(protocol: str, encoder: Encoder, train_images: np.ndarray,
                       device: torch.device | str = "auto", seed: int = 0, **options) -> tuple[dict, Classifier]:
     """Run ``finetune``, ``pseudolabel`` or ``fixmatch`` with the training images at ``labeled_idx`` as
     the labeled set (the rest is unlabeled for the semi-supervised ones: passed as images only) and
-    measure top-1 on the test set. ``options`` go to the protocol's function (epochs, batch_size, lr,
+    measure top-1 on the test set. ``options`` go to the protocol's function (epochs, steps, batch_size, lr,
     mu, threshold, ...). Returns (result dict, trained classifier)."""
     labeled_idx = np.asarray(labeled_idx, dtype=np.int64)
     unlabeled_idx = np.setdiff1d(np.arange(len(train_labels)), labeled_idx)
