@@ -63,15 +63,17 @@ def main() -> None:
             if kv.startswith("model.backbone="):
                 backbone_of[m] = kv.split("=", 1)[1]
         per_method[m] = [kv for kv in kvs if not kv.startswith("model.backbone=")]
-    backbones = list(dict.fromkeys(backbone_of.values()))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     exe = [sys.executable, "-m", "selfsup"]
-    randoms = [] if args.no_random else [f"random:{b}" for b in backbones]
-    rows = randoms + list(args.methods)
+    rows = [] if args.no_random else [f"random:{args.backbone}"]
+    for m in args.methods:  # another backbone's baseline comes just before its first method
+        if not args.no_random and f"random:{backbone_of[m]}" not in rows:
+            rows.append(f"random:{backbone_of[m]}")
+        rows.append(m)
 
     def run_dir_of(name: str) -> Path:
         if name.startswith("random:"):  # the first backbone's baseline keeps the plain name "random"

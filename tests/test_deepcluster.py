@@ -19,7 +19,7 @@ from selfsup.evaluate import evaluate
 from selfsup.methods import METHODS
 from selfsup.methods.deepcluster import uniform_cluster_order
 from selfsup.runtime import embed
-from selfsup.train import Trainer, TrainingInterrupted, read_metrics
+from selfsup.train import BatchStream, Trainer, TrainingInterrupted, read_metrics
 
 SMALL = {"num_clusters": 4, "pca_dim": 8, "kmeans_iters": 10}  # 64-256 images: whitening to 128 dims would be noise
 
@@ -158,9 +158,23 @@ def test_clustering_resets_the_head_and_labels_follow_the_batches(tiny_dataset, 
     for step, batch in enumerate(tr.stream.batches(0)):
         idx = np.sort(order[step * 16:(step + 1) * 16])
         assert np.array_equal(batch.permute(0, 2, 3, 1).numpy(), images[idx])
+        assert np.array_equal(tr.stream.indices, idx)
+        m.batch_indices = torch.from_numpy(tr.stream.indices)  # as the trainer does before each step
         _, y = m.prepare(batch, torch.Generator().manual_seed(step))
         assert torch.equal(y, m.labels[idx])
-        m.after_step(step, tr.total_steps)
+    m.batch_indices = None
+    with pytest.raises(RuntimeError, match="dataset indices"):
+        m.prepare(batch, torch.Generator())
+
+    # under torchrun each process gets a slice of the global batch: its labels are those of its images
+    for rank in range(2):
+        shard = BatchStream(images, 16, cfg.train.seed, tr.device, order_fn=m.epoch_order, rank=rank, world_size=2)
+        for step, batch in enumerate(shard.batches(0)):
+            mine = np.sort(order[step * 16:(step + 1) * 16][rank * 8:(rank + 1) * 8])
+            assert np.array_equal(shard.indices, mine)
+            assert np.array_equal(batch.permute(0, 2, 3, 1).numpy(), images[mine])
+            m.batch_indices = torch.from_numpy(shard.indices)
+            assert torch.equal(m.prepare(batch, torch.Generator())[1], m.labels[mine])
 
     # the same epoch again (a resumed run): neither re-clustering nor a new head
     w = m.head.weight.detach().clone()

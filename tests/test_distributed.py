@@ -3,6 +3,7 @@
 2-process `torchrun ... -m selfsup pretrain` run trains, writes once (rank 0) and resumes."""
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -91,3 +92,18 @@ def test_torchrun_pretrain_two_processes_writes_once_and_resumes(tiny_dataset, t
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == list(range(1, 9))
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
+
+
+def test_torchrun_deepcluster_two_processes(tiny_dataset, tmp_path):
+    """DeepCluster under torchrun: one clustering (rank 0's, broadcast), each process labels its own
+    slice of the batch by dataset index; the run trains and its checkpoint holds the labels."""
+    run = tmp_path / "dc"
+    _torchrun(2, ["-m", "selfsup", "pretrain", "--method", "deepcluster", "--data", str(tiny_dataset / "train"),
+                  "--out", str(run), "--backbone", "convnet", "--image-size", "16", "--batch-size", "16",
+                  "--epochs", "2", "--no-progress", "train.log_every=1", "params.num_clusters=4",
+                  "params.pca_dim=8", "params.kmeans_iters=5"], tmp_path)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    assert all(math.isfinite(float(r["loss"])) and 0 <= float(r["pretext_acc"]) <= 1 for r in rows)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]["_extra_state"]
+    assert state["epoch"] == 1 and state["labels"].shape == (64,) and int(state["labels"].max()) <= 3

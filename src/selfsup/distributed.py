@@ -111,6 +111,13 @@ def sync_gradients(params) -> None:
         i += n
 
 
+def broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``t`` on every process (in place; ``t`` on the process's device for NCCL)."""
+    if is_distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
 def broadcast_module(module: torch.nn.Module) -> None:
     """Copy rank 0's parameters and buffers to every process."""
     if not is_distributed():

@@ -128,6 +128,7 @@ class BatchStream:
         # distributed: every process walks the same global order and loads its contiguous slice
         self.rank, self.world_size = rank, world_size
         self.local_batch = batch_size // world_size
+        self.indices = np.zeros(0, dtype=np.int64)  # of the batch last handed out by batches()
 
     def order(self, epoch: int) -> np.ndarray:
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
@@ -141,26 +142,29 @@ class BatchStream:
         return torch.randperm(len(self.images), generator=g).numpy()
 
     def _load(self, idx: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(self.images[np.sort(idx)]))  # sorted: sequential reads
+        x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))  # idx is sorted: sequential reads
         x = x.permute(0, 3, 1, 2)  # NHWC storage == NCHW channels_last
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True)
         return x
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+        """This process's batches of ``epoch`` from step ``start`` of it; while a batch is out,
+        :attr:`indices` holds the dataset indices of its images, in the batch's order."""
         order = self.order(epoch)
         b = self.batch_size
         lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
-        chunks = [order[i * b:(i + 1) * b][lo:hi] for i in range(start, self.steps_per_epoch)]
+        chunks = [np.sort(order[i * b:(i + 1) * b][lo:hi]) for i in range(start, self.steps_per_epoch)]
         if not chunks:
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(self._load, chunks[0])
-            for nxt in chunks[1:]:
+            for i in range(len(chunks)):
                 cur = pending.result()
-                pending = pool.submit(self._load, nxt)
+                if i + 1 < len(chunks):
+                    pending = pool.submit(self._load, chunks[i + 1])
+                self.indices = chunks[i]
                 yield cur
-            yield pending.result()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,6 +398,7 @@ class Trainer:
                     for images in self.stream.batches(epoch, start):
                         t0 = time.perf_counter()
                         lr = self.set_lr(self.step)
+                        self.method.batch_indices = torch.from_numpy(self.stream.indices)
                         out = self.train_step(images, self.step)
                         loss = float(out["loss"])
                         if distributed.any_flag(not math.isfinite(loss), self.device):

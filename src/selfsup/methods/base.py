@@ -62,6 +62,10 @@ class Method(nn.Module):
         self.backbone: Backbone = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.small_stem,
                                                  in_chans=INPUT_CHANNELS[self.input_mode])
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        # the dataset indices (int64, CPU) of the images of the batch handed to the next ``prepare``, in
+        # the batch's order (this process's slice under torchrun); set by the trainer before each step,
+        # for methods whose pseudo labels are per image (DeepCluster)
+        self.batch_indices: torch.Tensor | None = None
 
     def backbone_spec(self) -> dict:
         """What rebuilds the backbone and feeds it (stored in checkpoints and exports)."""

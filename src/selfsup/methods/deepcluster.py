@@ -20,10 +20,11 @@ k = 100 (about 10x the number of classes, as the paper's 10x over ImageNet's 1,0
 (``head_hidden_dim > 0``: a 2-layer MLP whose last layer alone is re-initialised), RGB input (no Sobel
 filter), random crop + flip.
 
-The trainer hands :meth:`DeepCluster.prepare` images only: the labels of each batch come from the
-epoch's order (``trainer.stream.order(epoch)``, which calls :meth:`DeepCluster.epoch_order`; the stream
-loads each batch in sorted index order) and a batch counter that :meth:`DeepCluster.after_step` advances.
-The clustering (``selfsup.cluster``) runs on the training device. Per-epoch values (the NMI between
+The labels of a batch are those of its images' dataset indices, which the trainer sets before each
+step (``Method.batch_indices``: this process's slice of the batch under torchrun); the epoch's
+uniform-over-clusters order comes from :meth:`DeepCluster.epoch_order`. The clustering
+(``selfsup.cluster``) runs on the training device; under torchrun every process clusters and rank 0's
+labels are broadcast, so all processes train on the same labels. Per-epoch values (the NMI between
 the clusterings of consecutive epochs, cluster sizes, k-means time) are logged with the ``selfsup``
 logger and kept in :attr:`DeepCluster.history` (saved in the checkpoint); ``nmi`` is also a column of
 ``metrics.csv`` (constant within an epoch, NaN in the first). The pseudo labels and the epoch they
@@ -44,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import distributed
 from ..cluster import kmeans, pca_whiten
 from ..config import ConfigError
 from ..data.views import augment
@@ -102,8 +104,6 @@ class DeepCluster(Method):
         self.labels_epoch = -1  # the epoch they were computed for
         self.nmi = math.nan  # NMI between this epoch's and the previous epoch's clustering
         self.history: list[dict] = []  # one dict per clustering: epoch, nmi, sizes, seconds
-        self._batch_labels: torch.Tensor | None = None  # (steps_per_epoch, B) labels of this epoch's batches
-        self._pos = 0  # index of the next batch within the epoch
 
     # -- state kept in checkpoints (N is unknown at __init__, hence extra state, not buffers) ----------
     def get_extra_state(self) -> dict:
@@ -115,7 +115,6 @@ class DeepCluster(Method):
         self.labels = labels if labels.numel() else None
         self.labels_epoch, self.nmi = int(state["epoch"]), float(state["nmi"])
         self.history = [dict(h) for h in state["history"]]
-        self._batch_labels = None
 
     # -- the clustering, once per epoch ------------------------------------------------------------------
     def _generator(self, epoch: int, stream: int) -> torch.Generator:
@@ -136,7 +135,7 @@ class DeepCluster(Method):
                         "params.pca_dim", len(images), min(self.hp.pca_dim, feats.shape[1]))
         x = F.normalize(pca_whiten(feats.to(device), self.hp.pca_dim), dim=1)
         _, labels = kmeans(x, k, self.hp.kmeans_iters, self._generator(epoch, 0), self.hp.kmeans_init)
-        labels = labels.cpu()
+        labels = distributed.broadcast(labels.to(device)).cpu()  # one clustering for every process
         sizes = torch.bincount(labels, minlength=k)
         nmi = math.nan
         if self.labels is not None and len(self.labels) == len(labels):
@@ -168,12 +167,6 @@ class DeepCluster(Method):
         if self.labels_epoch != epoch:  # not when resuming mid-epoch: the checkpoint holds this epoch's labels
             self.cluster(trainer.data.images, trainer.device, epoch)
             self.reset_head(trainer.optimizer, epoch)
-        # the labels of each batch of this epoch, in the order the stream will deliver its images
-        spe, b = trainer.steps_per_epoch, trainer.stream.batch_size
-        order = np.asarray(trainer.stream.order(epoch))[:spe * b].reshape(spe, b)
-        idx = torch.from_numpy(np.sort(order, axis=1))  # the stream loads each batch in sorted index order
-        self._batch_labels = self.labels[idx].to(trainer.device)
-        self._pos = trainer.step - epoch * spe
 
     def epoch_order(self, epoch, generator, n):
         if not self.hp.uniform_sampling or self.labels is None:
@@ -184,12 +177,13 @@ class DeepCluster(Method):
 
     # -- one step ------------------------------------------------------------------------------------
     def prepare(self, images, generator):
-        if self._batch_labels is None:
-            raise RuntimeError("deepcluster: no pseudo labels for this batch; the trainer's "
+        if self.labels is None:
+            raise RuntimeError("deepcluster: no pseudo labels yet; the trainer's "
                                "method.on_epoch_start(trainer, epoch) clusters the data first")
-        y = self._batch_labels[self._pos]
-        if len(y) != images.shape[0]:
-            raise RuntimeError(f"deepcluster: batch of {images.shape[0]} images, {len(y)} pseudo labels")
+        if self.batch_indices is None or len(self.batch_indices) != images.shape[0]:
+            raise RuntimeError(f"deepcluster: a batch of {images.shape[0]} images needs their dataset indices "
+                               f"(method.batch_indices, set by the trainer)")
+        y = self.labels[self.batch_indices].to(images.device)
         x = augment(images, self.cfg.aug, generator)
         return self.fmt(x), y
 
@@ -199,9 +193,6 @@ class DeepCluster(Method):
         loss = F.cross_entropy(logits, y)
         return {"loss": loss, "pretext_acc": (logits.argmax(1) == y).float().mean(),
                 "nmi": torch.tensor(self.nmi)}
-
-    def after_step(self, step, total_steps):
-        self._pos += 1
 
     # -- pictures ------------------------------------------------------------------------------------
     @torch.no_grad()
