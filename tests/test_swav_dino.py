@@ -432,3 +432,24 @@ def test_resume_is_exact_with_queue_teacher_and_centre(name, tiny_dataset, tmp_p
     assert final.keys() == model.keys()
     for k in model:
         assert torch.equal(final[k], model[k]), k
+
+
+def test_figure_assignments_are_the_argmax_of_the_deterministic_view():
+    """swav.assign / dino.teacher_assign (through runtime.embed with a head) by hand, on 12 images."""
+    from selfsup.data.views import eval_input
+
+    images = np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    swav = _method("swav").eval()
+    x = eval_input(torch.from_numpy(images).permute(0, 3, 1, 2), swav.cfg.aug)
+    with torch.no_grad():
+        z = F.normalize(swav.projector(swav.backbone(x)), dim=1)
+        expect = (z @ swav.prototypes.weight.t()).argmax(1)
+        got = swav.assign(images, torch.device("cpu"), batch_size=5)
+    assert got.dtype == torch.long and got.shape == (12,) and (got == expect).float().mean() >= 0.9  # bf16
+    dino = _method("dino").eval()
+    x = eval_input(torch.from_numpy(images).permute(0, 3, 1, 2), dino.cfg.aug)
+    dino.center.copy_(torch.randn(dino.center.shape))
+    with torch.no_grad():
+        expect = (dino.teacher_head(dino.teacher_backbone(x)) - dino.center).argmax(1)
+        got = dino.teacher_assign(images, torch.device("cpu"), batch_size=5)
+    assert got.shape == (12,) and (got == expect).float().mean() >= 0.9

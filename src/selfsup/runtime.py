@@ -6,6 +6,7 @@ Shared by the training loop (per-epoch health, ``train.py``) and evaluation (``e
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,16 +36,21 @@ def autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def embed(backbone: nn.Module, images: np.ndarray, view: AugConfig, device: torch.device,
-          precision: str = "bf16", batch_size: int = 256, input_mode: str = "rgb") -> torch.Tensor:
+          precision: str = "bf16", batch_size: int = 256, input_mode: str = "rgb",
+          head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Pooled features ``(N, D)`` (float32, on the CPU) of uint8 NHWC images, through the
     deterministic evaluation view (resize + normalise, or the L channel for ``input_mode="lab_l"``).
-    The backbone runs in eval mode and is put back in the mode it had."""
+    The backbone runs in eval mode and is put back in the mode it had. ``head`` (optional) maps each
+    batch of features to what is returned instead (e.g. SwAV's prototype ids), under the same
+    autocast; its modules' modes are the caller's business."""
     was_training = backbone.training
     backbone.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device)
+        x = eval_input(x, view, input_mode).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            out.append(backbone(eval_input(x, view, input_mode)).float().cpu())
+            f = backbone(x).float()
+            out.append((f if head is None else head(f)).cpu())
     backbone.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, getattr(backbone, "out_dim", 0))

@@ -59,13 +59,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import VITS
-from ..data.views import eval_input, multi_crop
+from ..data.views import multi_crop
 from ..distributed import is_distributed, world_size
 from ..ema import cosine_momentum, ema_update, frozen_copy
 from ..figures import sample_images
 from ..losses import dino_loss
 from ..monitor import normalized_std
-from ..runtime import autocast
+from ..runtime import embed
 from .base import Method
 from .swav import members_grid
 
@@ -225,13 +225,8 @@ class DINO(Method):
     @torch.no_grad()
     def teacher_assign(self, images: np.ndarray, device: torch.device, batch_size: int = 256) -> torch.Tensor:
         """The teacher's argmax output of each uint8 NHWC image's deterministic view, on the CPU."""
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device)
-            with autocast(device, self.cfg.train.precision):
-                t = self.teacher_head(self.teacher_backbone(self.fmt(eval_input(x, self.cfg.aug))))
-            out.append((t.float() - self.center).argmax(1).cpu())
-        return torch.cat(out)
+        return embed(self.teacher_backbone, images, self.cfg.aug, device, self.cfg.train.precision, batch_size,
+                     head=lambda f: (self.teacher_head(f).float() - self.center).argmax(1))
 
     def figures(self, data, out_dir: Path, device) -> list[Path]:
         """``teacher_outputs.png``: images grouped by the argmax of the centred teacher output (most used first)."""

@@ -54,13 +54,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.views import eval_input, multi_crop
+from ..data.views import multi_crop
 from ..distributed import gather, rank, world_size
 from ..figures import image_grid, sample_images
 from ..heads import MLP
 from ..losses import sinkhorn, swav_loss
 from ..monitor import normalized_std
-from ..runtime import autocast
+from ..runtime import embed
 from .base import Method
 
 
@@ -173,13 +173,9 @@ class SwAV(Method):
     @torch.no_grad()
     def assign(self, images: np.ndarray, device: torch.device, batch_size: int = 256) -> torch.Tensor:
         """The prototype of each uint8 NHWC image's deterministic view (argmax of its scores), on the CPU."""
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device)
-            with autocast(device, self.cfg.train.precision):
-                z = F.normalize(self.projector(self.backbone(self.fmt(eval_input(x, self.cfg.aug)))).float(), dim=1)
-            out.append((z @ self.prototypes.weight.float().t()).argmax(1).cpu())
-        return torch.cat(out)
+        protos = self.prototypes.weight.float()
+        return embed(self.backbone, images, self.cfg.aug, device, self.cfg.train.precision, batch_size,
+                     head=lambda f: (F.normalize(self.projector(f).float(), dim=1) @ protos.t()).argmax(1))
 
     def figures(self, data, out_dir: Path, device) -> list[Path]:
         """``prototypes.png``: images of the most used prototypes, one row each."""
