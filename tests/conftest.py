@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +57,17 @@ def tiny_dataset(tmp_path) -> Path:
     make_folder(root / "train", 16, seed=0)
     make_folder(root / "test", 8, seed=1)
     return root
+
+
+def stop_at(trainer, step: int) -> None:
+    """Make ``trainer.fit()`` stop after training step ``step`` (0-based), as a SIGTERM arriving
+    during that step does: the trainer checkpoints, then raises TrainingInterrupted."""
+    train_step = trainer.train_step
+
+    def wrapped(images, s):
+        out = train_step(images, s)
+        if s == step:
+            trainer._stop_signal = signal.SIGTERM  # what the SIGTERM handler does
+        return out
+
+    trainer.train_step = wrapped

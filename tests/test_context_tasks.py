@@ -5,13 +5,13 @@ with kNN and resume exactly."""
 
 import itertools
 import json
-import signal
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import stop_at
 from selfsup.config import ConfigError, build_config
 from selfsup.evaluate import evaluate
 from selfsup.methods import METHODS
@@ -313,15 +313,7 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(method, discs, tmp_path):
     straight = Trainer(cfg, tmp_path / "straight", progress=False)
     straight.fit()
     interrupted = Trainer(cfg, tmp_path / "resumed", progress=False)
-    train_step = interrupted.train_step
-
-    def stop_after_step_3(images, step):
-        out = train_step(images, step)
-        if step == 2:
-            interrupted._stop_signal = signal.SIGTERM  # as the SIGTERM handler does
-        return out
-
-    interrupted.train_step = stop_after_step_3
+    stop_at(interrupted, 2)
     with pytest.raises(TrainingInterrupted):
         interrupted.fit()
     resumed = Trainer(cfg, tmp_path / "resumed", resume=True, progress=False)

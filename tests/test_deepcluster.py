@@ -3,7 +3,6 @@ per-epoch re-clustering with a fresh head, pseudo labels that follow the stream'
 and an exact mid-epoch resume."""
 
 import math
-import signal
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.decomposition import PCA
 from sklearn.metrics import normalized_mutual_info_score
 
-from conftest import make_folder
+from conftest import make_folder, stop_at
 from selfsup.cluster import kmeans, pca_whiten
 from selfsup.config import ConfigError, build_config
 from selfsup.evaluate import evaluate
@@ -232,15 +231,7 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(tiny_dataset, tmp_path):
     assert model["_extra_state"]["epoch"] == 2 and model["_extra_state"]["labels"].shape == (64,)
 
     interrupted = Trainer(cfg, tmp_path / "resumed", progress=False)
-    train_step = interrupted.train_step
-
-    def stop_after_step_6(images, step):
-        out = train_step(images, step)
-        if step == 5:
-            interrupted._stop_signal = signal.SIGTERM  # as the SIGTERM handler does
-        return out
-
-    interrupted.train_step = stop_after_step_6
+    stop_at(interrupted, 5)
     with pytest.raises(TrainingInterrupted):
         interrupted.fit()
     resumed = Trainer(cfg, tmp_path / "resumed", resume=True, progress=False)

@@ -1,6 +1,5 @@
 """Exported backbones (safetensors, torchvision layout) and embeddings written to disk."""
 
-import json
 
 import numpy as np
 import pytest

@@ -2,7 +2,6 @@
 trains, tiny runs that learn, figures, kNN evaluation of the backbone, exact resume)."""
 
 import math
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import stop_at
 from selfsup.config import ConfigError, build_config
 from selfsup.data.views import eval_view
 from selfsup.evaluate import evaluate
@@ -279,15 +279,7 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(method, colo
     ref.fit()
 
     run = Trainer(cfg, tmp_path / "run", progress=False)
-    train_step = run.train_step
-
-    def stop_after_three(images, step):
-        out = train_step(images, step)
-        if step == 2:
-            run._stop_signal = signal.SIGTERM  # as if SIGTERM arrived: checkpoint after this step, stop
-        return out
-
-    run.train_step = stop_after_three
+    stop_at(run, 2)
     with pytest.raises(TrainingInterrupted):
         run.fit()
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")

@@ -6,7 +6,6 @@ method with a queue.
 """
 
 import math
-import signal
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import stop_at
 from selfsup.config import build_config
 from selfsup.data.views import eval_view
 from selfsup.ema import cosine_momentum, ema_update, frozen_copy
@@ -464,15 +464,7 @@ def test_moco_checkpoint_holds_key_encoder_and_queue_and_resume_is_exact(grids, 
     assert int(model["queue_ptr"]) == (8 * 32) % 48  # 8 steps of 2 x 16 keys into a ring of 48
 
     interrupted = Trainer(cfg, tmp_path / "resumed", progress=False)
-    train_step = interrupted.train_step
-
-    def stop_after_step_5(images, step):
-        out = train_step(images, step)
-        if step == 4:
-            interrupted._stop_signal = signal.SIGTERM  # as the SIGTERM handler does
-        return out
-
-    interrupted.train_step = stop_after_step_5
+    stop_at(interrupted, 4)
     with pytest.raises(TrainingInterrupted):
         interrupted.fit()
     resumed = Trainer(cfg, tmp_path / "resumed", resume=True, progress=False)

@@ -8,14 +8,13 @@ falls, the teacher stays out of the checkpoint); exact resume; a missing teacher
 """
 
 import math
-import signal
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import make_folder
+from conftest import make_folder, stop_at
 
 from selfsup.config import ConfigError, build_config
 from selfsup.data.views import eval_view
@@ -288,23 +287,11 @@ def test_simclr_v2_encoder_with_projector_loads_backbone_and_first_head_layer(ru
     assert 0.0 <= r["top1"] <= 1.0 and r["backbone"]["name"] == "convnet"
 
 
-def _stop_at(trainer, step):
-    train_step = trainer.train_step
-
-    def wrapped(images, s):
-        out = train_step(images, s)
-        if s == step:
-            trainer._stop_signal = signal.SIGTERM  # as the SIGTERM handler does
-        return out
-
-    trainer.train_step = wrapped
-
-
 def _assert_resume_is_exact(cfg, tmp_path, stop_step=4):
     straight = Trainer(cfg, tmp_path / "straight", progress=False)
     straight.fit()
     interrupted = Trainer(cfg, tmp_path / "resumed", progress=False)
-    _stop_at(interrupted, stop_step)
+    stop_at(interrupted, stop_step)
     with pytest.raises(TrainingInterrupted):
         interrupted.fit()
     resumed = Trainer(cfg, tmp_path / "resumed", resume=True, progress=False)

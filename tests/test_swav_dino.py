@@ -7,13 +7,13 @@ DINO's global centre) is in tests/test_distributed.py.
 """
 
 import math
-import signal
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import stop_at
 from selfsup.config import build_config
 from selfsup.ema import cosine_momentum
 from selfsup.evaluate import evaluate
@@ -414,15 +414,7 @@ def test_resume_is_exact_with_queue_teacher_and_centre(name, tiny_dataset, tmp_p
         assert model["center"].abs().sum() > 0 and any(k.startswith("teacher_head.") for k in model)
 
     interrupted = Trainer(cfg, tmp_path / "resumed", progress=False)
-    train_step = interrupted.train_step
-
-    def stop_after_step_5(images, step):
-        out = train_step(images, step)
-        if step == 4:
-            interrupted._stop_signal = signal.SIGTERM  # as the SIGTERM handler does
-        return out
-
-    interrupted.train_step = stop_after_step_5
+    stop_at(interrupted, 4)
     with pytest.raises(TrainingInterrupted):
         interrupted.fit()
     resumed = Trainer(cfg, tmp_path / "resumed", resume=True, progress=False)

@@ -120,10 +120,8 @@ def broadcast(t: torch.Tensor) -> torch.Tensor:
 
 def broadcast_module(module: torch.nn.Module) -> None:
     """Copy rank 0's parameters and buffers to every process."""
-    if not is_distributed():
-        return
     for t in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(t.data, src=0)
+        broadcast(t.data)
 
 
 def any_flag(flag: bool, device: torch.device | str = "cpu") -> bool:

@@ -16,7 +16,7 @@ from ..config import ConfigError
 from ..data.cache import default_cache_dir
 from ..data.views import AugConfig
 from ..runtime import embed, resolve_device
-from ..train import load_checkpoint
+from ..train import atomic_torch_save, load_checkpoint
 
 log = logging.getLogger("selfsup")
 
@@ -122,10 +122,7 @@ def cached_features(encoder: Encoder, images: np.ndarray, device: str | torch.de
             log.warning("ignoring unreadable feature cache %s (%s)", path, e)
     feats = extract_features(encoder, images, device)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(feats, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(feats, path)
         old = sorted(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime)[:-FEATURE_CACHE_KEEP]
         for p in old:
             p.unlink(missing_ok=True)

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from ..backbones import Backbone, backbone_spec, build_backbone
-from ..data.views import INPUT_CHANNELS
+from ..data.views import INPUT_CHANNELS, multi_crop
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -114,6 +114,18 @@ class Method(nn.Module):
         """Two groups: weights (decayed, LARS-adapted) and biases/norm parameters (neither),
         as in SimCLR/BYOL's LARS setup."""
         return split_decay(self.parameters())
+
+
+class MultiCropViews:
+    """``prepare`` of the multi-crop methods (SwAV, DINO; Caron et al. 2020 Sec. 3.2): two global crops
+    ``[x1; x2]`` and ``hp.n_local`` local crops (None without), from the method's ``n_local``,
+    ``global_scale``, ``local_scale`` and ``local_size`` params (see ``data.views.multi_crop``)."""
+
+    def prepare(self, images, generator):
+        hp = self.hp
+        glob, loc = multi_crop(images, self.cfg.aug, generator, 2, hp.n_local, hp.global_scale, hp.local_scale,
+                               hp.local_size)
+        return self.fmt(glob), (self.fmt(loc) if loc is not None else None)
 
 
 def split_decay(params, **extra) -> list[dict]:

@@ -59,14 +59,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import VITS
-from ..data.views import multi_crop
 from ..distributed import is_distributed, world_size
 from ..ema import cosine_momentum, ema_update, frozen_copy
 from ..figures import sample_images
 from ..losses import dino_loss
 from ..monitor import normalized_std
 from ..runtime import embed
-from .base import Method
+from .base import Method, MultiCropViews
 from .swav import members_grid
 
 
@@ -104,7 +103,7 @@ class DINOHead(nn.Module):
             return x @ w.t()
 
 
-class DINO(Method):
+class DINO(MultiCropViews, Method):
     name = "dino"
     family = "joint-embedding"
     summary = "DINO (Caron et al. 2021): student matches a momentum teacher's centred, sharpened output"
@@ -151,12 +150,6 @@ class DINO(Method):
         self.register_buffer("center", torch.zeros(1, hp.out_dim))
         self._step, self._steps_per_epoch = 0, 0  # set by on_epoch_start (also on resume) and after_step
         self._batch_center: torch.Tensor | None = None  # this step's teacher mean, applied by after_step
-
-    def prepare(self, images, generator):
-        hp = self.hp
-        glob, loc = multi_crop(images, self.cfg.aug, generator, 2, hp.n_local, hp.global_scale, hp.local_scale,
-                               hp.local_size)
-        return self.fmt(glob), (self.fmt(loc) if loc is not None else None)
 
     def on_epoch_start(self, trainer, epoch):
         self._step, self._steps_per_epoch = trainer.step, trainer.steps_per_epoch

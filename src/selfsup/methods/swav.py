@@ -54,17 +54,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.views import multi_crop
 from ..distributed import gather, rank, world_size
 from ..figures import image_grid, sample_images
 from ..heads import MLP
 from ..losses import sinkhorn, swav_loss
 from ..monitor import normalized_std
 from ..runtime import embed
-from .base import Method
+from .base import Method, MultiCropViews
 
 
-class SwAV(Method):
+class SwAV(MultiCropViews, Method):
     name = "swav"
     family = "joint-embedding"
     summary = "SwAV (Caron et al. 2020): Sinkhorn cluster codes of one crop predicted from the other crops"
@@ -109,12 +108,6 @@ class SwAV(Method):
     def normalize_prototypes(self) -> None:
         w = self.prototypes.weight
         w.copy_(F.normalize(w, dim=1))
-
-    def prepare(self, images, generator):
-        hp = self.hp
-        glob, loc = multi_crop(images, self.cfg.aug, generator, 2, hp.n_local, hp.global_scale, hp.local_scale,
-                               hp.local_size)
-        return self.fmt(glob), (self.fmt(loc) if loc is not None else None)
 
     def on_epoch_start(self, trainer, epoch):
         self._step, self._epoch = trainer.step, epoch
