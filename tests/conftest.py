@@ -71,3 +71,24 @@ def stop_at(trainer, step: int) -> None:
         return out
 
     trainer.train_step = wrapped
+
+
+def assert_resume_is_exact(cfg, tmp_path: Path, stop_step: int = 4):
+    """Train ``cfg`` straight through, and again stopped after step ``stop_step`` and resumed: the
+    resumed run must end with exactly the same state dict. Returns the straight trainer."""
+    from selfsup.train import Trainer, TrainingInterrupted
+
+    straight = Trainer(cfg, tmp_path / "straight", progress=False)
+    straight.fit()
+    interrupted = Trainer(cfg, tmp_path / "resumed", progress=False)
+    stop_at(interrupted, stop_step)
+    with pytest.raises(TrainingInterrupted):
+        interrupted.fit()
+    resumed = Trainer(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert resumed.step == stop_step + 1
+    resumed.fit()
+    a, b = straight.state()["model"], resumed.state()["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    return straight

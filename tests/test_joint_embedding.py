@@ -14,14 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import stop_at
+from conftest import assert_resume_is_exact
 from selfsup.config import build_config
 from selfsup.data.views import eval_view
 from selfsup.ema import cosine_momentum, ema_update, frozen_copy
 from selfsup.losses import barlow_twins_loss, byol_loss, cross_correlation, infonce, simsiam_loss, vicreg_loss
 from selfsup.methods import METHODS
 from selfsup.monitor import RANK_COLLAPSE, STD_COLLAPSE
-from selfsup.train import Trainer, TrainingInterrupted
+from selfsup.train import Trainer
 
 JOINT = ["moco_v2", "byol", "simsiam", "barlow_twins", "vicreg"]
 
@@ -456,21 +456,7 @@ def test_moco_checkpoint_holds_key_encoder_and_queue_and_resume_is_exact(grids, 
         "model": {"backbone": "convnet"}, "data": {"path": str(train), "image_size": 16},
         "train": {"epochs": 2, "batch_size": 16, "ckpt_every": 1000, "device": "cpu"},
         "optim": {"name": "sgd", "lr": 0.5, "warmup_epochs": 0}, "params": {**SMALL["moco_v2"], "queue_size": 48}})
-    straight = Trainer(cfg, tmp_path / "straight", progress=False)
-    straight.fit()
-    model = straight.state()["model"]
+    model = assert_resume_is_exact(cfg, tmp_path, stop_step=4).state()["model"]
     assert {"queue", "queue_ptr"} <= model.keys()
     assert any(k.startswith("key_backbone.") for k in model) and any(k.startswith("key_projector.") for k in model)
     assert int(model["queue_ptr"]) == (8 * 32) % 48  # 8 steps of 2 x 16 keys into a ring of 48
-
-    interrupted = Trainer(cfg, tmp_path / "resumed", progress=False)
-    stop_at(interrupted, 4)
-    with pytest.raises(TrainingInterrupted):
-        interrupted.fit()
-    resumed = Trainer(cfg, tmp_path / "resumed", resume=True, progress=False)
-    assert resumed.step == 5
-    resumed.fit()
-    final = resumed.state()["model"]
-    assert final.keys() == model.keys()
-    for k in model:
-        assert torch.equal(final[k], model[k]), k

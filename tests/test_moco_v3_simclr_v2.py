@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import make_folder, stop_at
+from conftest import assert_resume_is_exact, make_folder
 
 from selfsup.config import ConfigError, build_config
 from selfsup.data.views import eval_view
@@ -24,7 +24,7 @@ from selfsup.losses import distillation_loss, moco_v3_loss, seed_logits, seed_lo
 from selfsup.methods import METHODS
 from selfsup.methods.simclr_v2 import BackboneWithProjector, encoder_with_projector, head_layers, projected_encoder
 from selfsup.monitor import RANK_COLLAPSE, STD_COLLAPSE
-from selfsup.train import Trainer, TrainingInterrupted, read_metrics
+from selfsup.train import Trainer, read_metrics
 
 
 def _cos(a, b):
@@ -287,26 +287,9 @@ def test_simclr_v2_encoder_with_projector_loads_backbone_and_first_head_layer(ru
     assert 0.0 <= r["top1"] <= 1.0 and r["backbone"]["name"] == "convnet"
 
 
-def _assert_resume_is_exact(cfg, tmp_path, stop_step=4):
-    straight = Trainer(cfg, tmp_path / "straight", progress=False)
-    straight.fit()
-    interrupted = Trainer(cfg, tmp_path / "resumed", progress=False)
-    stop_at(interrupted, stop_step)
-    with pytest.raises(TrainingInterrupted):
-        interrupted.fit()
-    resumed = Trainer(cfg, tmp_path / "resumed", resume=True, progress=False)
-    assert resumed.step == stop_step + 1
-    resumed.fit()
-    a, b = straight.state()["model"], resumed.state()["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    return straight
-
-
 def test_moco_v3_resume_is_exact(data, tmp_path):
     cfg = _cfg("moco_v3", data / "train", 2, **SMALL["moco_v3"])
-    state = _assert_resume_is_exact(cfg, tmp_path).state()["model"]
+    state = assert_resume_is_exact(cfg, tmp_path).state()["model"]
     assert any(k.startswith("momentum_backbone.") for k in state) and any(k.startswith("momentum_projector.")
                                                                           for k in state)
 
@@ -387,5 +370,5 @@ def test_distill_from_a_tiny_teacher_run(runs, data, tmp_path, monkeypatch):
 
 def test_distill_resume_reloads_the_teacher_and_is_exact(runs, data, tmp_path):
     cfg = _cfg("distill", data / "train", 2, teacher=str(runs["moco_v3"][3]), queue_size=24, head_hidden_dim=32)
-    straight = _assert_resume_is_exact(cfg, tmp_path)
+    straight = assert_resume_is_exact(cfg, tmp_path)
     assert straight.method.teacher.output == "projector" and bool(straight.state()["model"]["queue_filled"])
