@@ -67,3 +67,8 @@ def sample_images(data, n: int, seed: int = 0) -> np.ndarray:
     g = torch.Generator().manual_seed(seed)
     idx = np.sort(torch.randperm(len(data.images), generator=g)[:n].numpy())
     return np.asarray(data.images[idx])
+
+
+def sample_batch(data, n: int, device, seed: int = 0) -> torch.Tensor:
+    """:func:`sample_images` as a uint8 ``(n, 3, H, W)`` batch on ``device``, for a method's pictures."""
+    return torch.from_numpy(sample_images(data, n, seed)).permute(0, 3, 1, 2).to(device)

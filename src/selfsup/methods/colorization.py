@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..data.color import lab_to_rgb, rgb_to_lab
 from ..data.views import augment, to_float
-from ..figures import image_grid, sample_images
+from ..figures import image_grid, sample_batch
 from .base import Method
 
 
@@ -244,7 +244,7 @@ class Colorization(Method):
 
     @torch.no_grad()
     def figures(self, data, out_dir: Path, device) -> list[Path]:
-        x = to_float(torch.from_numpy(sample_images(data, 10)).permute(0, 3, 1, 2).to(device))
+        x = to_float(sample_batch(data, 10, device))
         gray = rgb_to_lab(x)[:, :1] / 100
         path = image_grid([gray, self.colorize(x), x], Path(out_dir) / "colorization.png",
                           row_titles=["input L", f"colorized\n(T={self.hp.temperature})", "original"],

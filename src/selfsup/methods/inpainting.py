@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data.views import augment, eval_view
-from ..figures import image_grid, sample_images
+from ..figures import image_grid, sample_batch
 from .base import Method, split_decay
 
 MASKS = ("center", "random", "both")
@@ -264,7 +264,7 @@ class Inpainting(Method):
     # -- pictures ------------------------------------------------------------------------------
     @torch.no_grad()
     def figures(self, data, out_dir: Path, device) -> list[Path]:
-        images = torch.from_numpy(sample_images(data, 10)).permute(0, 3, 1, 2).to(device)
+        images = sample_batch(data, 10, device)
         x = eval_view(images, self.cfg.aug)
         b, _, h, w = x.shape
         mean = torch.tensor(self.cfg.aug.mean, device=device).view(1, 3, 1, 1)

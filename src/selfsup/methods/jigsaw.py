@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data.views import augment, grayscale, normalize, to_float
-from ..figures import image_grid, sample_images
+from ..figures import image_grid, sample_batch
 from ..heads import MLP
 from .base import Method
 
@@ -257,7 +257,7 @@ class Jigsaw(Method):
         """``jigsaw.png``: test images, their puzzle (tiles in the shuffled order) and the puzzle put back
         in the order the model predicts (right when it matches the image's tiles)."""
         n = min(8, len(data.images))
-        x = torch.from_numpy(sample_images(data, n)).permute(0, 3, 1, 2).to(device)
+        x = sample_batch(data, n, device)
         x = to_float(x)
         size = self.cfg.data.image_size
         if x.shape[-1] != size:

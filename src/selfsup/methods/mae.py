@@ -48,7 +48,7 @@ from torchvision.models.vision_transformer import EncoderBlock
 from ..backbones import VITS
 from ..config import ConfigError
 from ..data.views import augment, eval_view
-from ..figures import image_grid, sample_images
+from ..figures import image_grid, sample_batch
 from ..losses import mae_loss
 from .base import Method, split_decay
 
@@ -218,7 +218,7 @@ class MAE(Method):
     # -- pictures ------------------------------------------------------------------------------
     @torch.no_grad()
     def figures(self, data, out_dir: Path, device) -> list[Path]:
-        images = torch.from_numpy(sample_images(data, 10)).permute(0, 3, 1, 2).to(device)
+        images = sample_batch(data, 10, device)
         x = eval_view(images, self.cfg.aug)
         b, _, h, w = x.shape
         p, gh, gw = self.patch_size, h // self.patch_size, w // self.patch_size

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data.views import augment, grayscale, normalize, to_float
-from ..figures import image_grid, sample_images
+from ..figures import image_grid, sample_batch
 from ..heads import MLP
 from .base import Method
 from .jigsaw import TILES, _randint, assemble, crop_tiles, tile_positions
@@ -163,7 +163,7 @@ class RelativeLocation(Method):
         """``relative_location.png``: test images, the centre patch with its neighbour at the true place,
         and the neighbour where the model puts it (patches in full colour)."""
         n = min(8, len(data.images))
-        x = to_float(torch.from_numpy(sample_images(data, n)).permute(0, 3, 1, 2).to(device))
+        x = to_float(sample_batch(data, n, device))
         size = self.cfg.data.image_size
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
