@@ -32,19 +32,41 @@ def test_lars_update_matches_the_formula_and_excludes_biases():
     w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # ||w|| = 5
     b = torch.nn.Parameter(torch.tensor([1.0]))
     opt = LARS([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
-               lr=0.1, momentum=0.9, weight_decay=0.5, eta=0.02)
-    w.grad = torch.tensor([1.0, 0.0])
+               lr=0.1, momentum=0.9, weight_decay=0.5, eta=0.02, clip=False)
+    w.grad = torch.tensor([1.0, 0.0])  # ||g|| = 1
     b.grad = torch.tensor([2.0])
     opt.step()
-    g = torch.tensor([1.0, 0.0]) + 0.5 * torch.tensor([3.0, 4.0])  # (2.5, 2.0), norm sqrt(10.25)
-    trust = 0.02 * 5.0 / g.norm()
-    assert torch.allclose(w.detach(), torch.tensor([3.0, 4.0]) - 0.1 * trust * g, atol=1e-7)
+    # paper Eq. 6: local = eta ||w|| / (||g|| + wd ||w||) = 0.02 * 5 / (1 + 2.5) = 0.1 / 3.5
+    d = torch.tensor([1.0, 0.0]) + 0.5 * torch.tensor([3.0, 4.0])  # g + wd w = (2.5, 2.0)
+    assert torch.allclose(w.detach(), torch.tensor([3.0, 4.0]) - 0.1 * (0.1 / 3.5) * d, atol=1e-7)
     assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.1 * 2.0]))  # plain SGD, no decay
     # second step: momentum accumulates
     b.grad = torch.tensor([2.0])
     w.grad = torch.zeros(2)
     opt.step()
     assert torch.allclose(b.detach(), torch.tensor([0.8 - 0.1 * (0.9 * 2.0 + 2.0)]))
+
+
+def test_lars_clip_caps_the_layer_rate_at_the_global_rate_as_solo_learn():
+    """solo-learn's clip_lr: local = min(eta ||w|| / (||g|| + wd ||w||) / lr, 1). A layer with a tiny
+    gradient moves by lr * g (plain SGD), not by lr * eta * ||w|| as without the clip."""
+    def one_step(clip, grad):
+        w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+        opt = LARS([{"params": [w]}], lr=0.5, momentum=0.9, weight_decay=0.0, eta=0.02, clip=clip)
+        w.grad = grad.clone()
+        opt.step()
+        return torch.tensor([3.0, 4.0]) - w.detach()  # the step taken
+
+    tiny = torch.tensor([1e-4, 0.0])
+    # no clip: local = 0.02 * 5 / 1e-4 = 1000, step = 0.5 * 1000 * g = (0.05, 0): far larger than SGD's
+    assert torch.allclose(one_step(False, tiny), torch.tensor([0.05, 0.0]), atol=1e-5)
+    # clip: local = min(1000 / 0.5, 1) = 1, the step is plain SGD's, lr * g
+    assert torch.allclose(one_step(True, tiny), 0.5 * tiny, rtol=1e-2, atol=0)
+    # a large gradient: local = 0.02 * 5 / 10 = 0.01. With the clip the adapted rate is used as the
+    # layer's rate (min(local, lr) = 0.01, step 0.01 * g = 0.1); without it, it scales lr (0.5 * 0.01 * g)
+    big = torch.tensor([10.0, 0.0])
+    assert torch.allclose(one_step(True, big), torch.tensor([0.1, 0.0]), atol=1e-6)
+    assert torch.allclose(one_step(False, big), torch.tensor([0.05, 0.0]), atol=1e-6)
 
 
 def test_vit_backbones_take_any_size_mask_tokens_and_expose_stages():

@@ -149,6 +149,7 @@ def test_features_are_cached_per_weights_and_split(tiny_dataset, tmp_path, monke
 
     enc = load_encoder("random:convnet", image_size=16)
     train = load_images(str(tiny_dataset), split="train", image_size=16)
+    features.precise_bn(enc, train.images, "cpu")  # as evaluate() did: the same statistics, the same key
     direct = real(enc, train.images)
     assert torch.equal(features.cached_features(enc, train.images), direct)  # a hit equals extraction
     assert len(calls) == 2
@@ -169,3 +170,69 @@ def test_features_are_cached_per_weights_and_split(tiny_dataset, tmp_path, monke
     monkeypatch.setenv("SELFSUP_FEATURE_CACHE", "0")
     features.cached_features(enc, train.images)
     assert len(calls) == 7
+
+
+# --------------------------------------------------------------------------------------------------
+# precise BN: BatchNorm statistics of the evaluation views
+
+
+def _images(n, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    from conftest import oriented_image
+
+    return np.stack([oriented_image(rng, size, i % 4) for i in range(n)])
+
+
+def test_precise_bn_sets_the_statistics_of_the_eval_views_by_hand():
+    from selfsup.data.views import AugConfig, eval_input
+    from selfsup.evaluate.features import load_encoder, precise_bn
+
+    enc = load_encoder("random:convnet", image_size=16)
+    images = _images(24)
+    bn = [m for m in enc.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    seen = []
+    hook = bn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().float()))
+    x = eval_input(torch.from_numpy(images).permute(0, 3, 1, 2), AugConfig(size=16, mean=enc.mean, std=enc.std))
+    enc.backbone.eval()(x)  # the first BN's input does not depend on any BN statistics
+    hook.remove()
+    a = seen[0]
+    assert precise_bn(enc, images, "cpu", batch_size=64) == 24  # one batch: the statistics are exact
+    assert torch.allclose(bn.running_mean, a.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, a.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    assert bn.momentum == 0.1 and not enc.backbone.training  # put back as it was
+
+
+def test_precise_bn_changes_features_after_training_on_tiles_and_nothing_else():
+    from selfsup.evaluate.features import extract_features, load_encoder, precise_bn
+
+    images = _images(32)
+    enc = load_encoder("random:convnet", image_size=16)
+    # as a jigsaw run leaves it: running statistics of small tiles (8 px crops, another intensity range)
+    tiles = torch.from_numpy(images[:, 4:12, 4:12]).permute(0, 3, 1, 2).float() / 255 * 3 - 2
+    enc.backbone.train()
+    with torch.no_grad():
+        for _ in range(30):
+            enc.backbone(tiles)
+    enc.backbone.eval()
+    stale = extract_features(enc, images, "cpu")
+    assert precise_bn(enc, images, "cpu", batch_size=16) == 32
+    fixed = extract_features(enc, images, "cpu")
+    assert (stale - fixed).abs().max() > 0.1 * fixed.abs().max()  # the statistics were wrong for whole images
+    weights = {k: v.clone() for k, v in enc.backbone.state_dict().items() if "running" not in k}
+    assert precise_bn(enc, images, "cpu", batch_size=16) == 32  # again: the same statistics, same features
+    assert torch.allclose(extract_features(enc, images, "cpu"), fixed, atol=1e-4)
+    assert all(torch.equal(v, enc.backbone.state_dict()[k]) for k, v in weights.items())  # weights untouched
+
+    vit = load_encoder("random:vit_micro", image_size=16)  # no BatchNorm: nothing to re-estimate
+    before = extract_features(vit, images, "cpu")
+    assert precise_bn(vit, images, "cpu") == 0
+    assert torch.equal(extract_features(vit, images, "cpu"), before)
+
+
+def test_evaluate_records_precise_bn_and_can_skip_it(tiny_dataset, tmp_path):
+    on = evaluate("random:convnet", "knn", str(tiny_dataset), str(tiny_dataset), out=tmp_path / "on", image_size=16,
+                  progress=False)
+    off = evaluate("random:convnet", "knn", str(tiny_dataset), str(tiny_dataset), out=tmp_path / "off",
+                   image_size=16, progress=False, precise_bn_stats=False)
+    assert on["precise_bn"] == 64 and off["precise_bn"] == 0
+    assert json.loads((tmp_path / "on" / "knn.json").read_text())["precise_bn"] == 64

@@ -200,6 +200,19 @@ def test_ema_update_moves_parameters_by_the_momentum_and_copies_buffers():
         ema_update(nn.Linear(3, 4), online, 0.9)
 
 
+def test_run_momentum_lowers_the_base_for_short_runs_by_the_square_root_rule():
+    from selfsup.ema import run_momentum
+
+    assert run_momentum(0.99, 195_000, 195_000) == 0.99 and run_momentum(0.99, 10**6, 195_000) == 0.99
+    assert run_momentum(0.99, 48_750, 195_000) == pytest.approx(0.98)  # a quarter of the length: horizon / 2
+    assert run_momentum(0.99, 10_000, 195_000) == pytest.approx(1 - 0.01 * (19.5 ** 0.5))  # 0.9558
+    assert run_momentum(0.99, 100, 195_000) == 0.9  # the floor (BYOL Table 5a)
+    assert run_momentum(0.99, 100, 0) == 0.99  # ref 0: the recipe's value at any length
+    assert run_momentum(0.8, 100, 195_000) == 0.8  # never above the recipe's own value
+    # the BYOL repository's presets (1000 epochs: 0.996) at 40 epochs give 0.97; the rule gives 0.98
+    assert run_momentum(0.996, 40, 1000) == pytest.approx(0.98)
+
+
 def test_cosine_momentum_endpoints():
     assert cosine_momentum(0, 100, 0.99) == pytest.approx(0.99)
     assert cosine_momentum(100, 100, 0.99) == pytest.approx(1.0)
@@ -283,7 +296,8 @@ def test_byol_target_gets_no_gradient_and_follows_the_online_network_by_ema():
     torch.optim.SGD(m.param_groups(), lr=0.5).step()
     assert all(torch.equal(p, b) for p, b in zip(target, before))
     m.after_step(3, 10)
-    tau = cosine_momentum(3, 10, 0.99)
+    # a 10-step run: the recipe's 0.99 (for 195,000 steps) is lowered to the floor 0.9 (run_momentum)
+    tau = cosine_momentum(3, 10, 0.9)
     for p, b, o in zip(target, before, online):
         assert torch.allclose(p, tau * b + (1 - tau) * o, atol=1e-6)
     keys = m.state_dict().keys()

@@ -142,8 +142,9 @@ def test_moco_v3_step_is_the_symmetrised_ctr_and_the_momentum_encoder_moves_by_e
     torch.optim.SGD(m.param_groups(), lr=0.5).step()
     assert all(torch.equal(p, b) for p, b in zip(momentum, before))  # the optimizer never moves f_k
     m.after_step(3, 10)
-    mom = cosine_momentum(3, 10, 0.99, 1.0)
-    assert m.momentum(0, 10) == pytest.approx(0.99) and m.momentum(10, 10) == pytest.approx(1.0)
+    mom = cosine_momentum(3, 10, 0.9, 1.0)  # a 10-step run starts at the floor 0.9 (ema.run_momentum)
+    assert m.momentum(0, 10) == pytest.approx(0.9) and m.momentum(10, 10) == pytest.approx(1.0)
+    assert m.momentum(0, 195_000) == pytest.approx(0.99)  # the recipe's value at the recipe's length
     for p, b, o in zip(momentum, before, online):
         assert torch.allclose(p, mom * b + (1 - mom) * o, atol=1e-6)
 

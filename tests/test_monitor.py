@@ -16,6 +16,33 @@ def test_rankme_matches_hand_computation():
     assert rankme(torch.eye(5)) == pytest.approx(5.0, rel=1e-4)
 
 
+def test_health_is_measured_on_normalised_features():
+    """RankMe of the L2-normalised rows: two orthogonal rows of norms 3 and 1 have effective rank 2
+    (1.75 unnormalised, above); their scale says nothing about collapse."""
+    f = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    assert embedding_health(f)["rankme"] == pytest.approx(2.0, rel=1e-4)
+    assert embedding_health(f * 100)["rankme"] == pytest.approx(embedding_health(f)["rankme"])
+
+
+def test_low_rank_warning_fires_at_the_calibrated_ranks_and_not_on_healthy_ones():
+    """d = 256, N = 512 (the trainer's health set): the threshold is 5% of 256 = 12.8. The one-epoch
+    table's runs below random init had ranks 6 (SwAV) and 11 (BYOL); the healthy ones 36-102."""
+    def health(rank):
+        return {"feat_std": 0.03, "rankme": rank, "n": 512}
+
+    for bad in (6.0, 11.0):
+        assert "few dimensions" in collapse_warning(health(bad), 256)
+    for good in (36.0, 102.0):
+        assert collapse_warning(health(good), 256) is None
+    # a real embedding that spans 8 of 256 directions (plus a little noise) is flagged
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(512, 8, generator=g) @ torch.randn(8, 256, generator=g) + 0.01 * torch.randn(512, 256, generator=g)
+    h = embedding_health(low)
+    assert 4 < h["rankme"] < 12.8 and "few dimensions" in collapse_warning(h, 256)
+    full = embedding_health(torch.randn(512, 256, generator=g))
+    assert full["rankme"] > 150 and collapse_warning(full, 256) is None
+
+
 def test_healthy_and_collapsed_embeddings():
     g = torch.Generator().manual_seed(0)
     healthy = embedding_health(torch.randn(512, 64, generator=g))

@@ -179,7 +179,7 @@ def test_multi_crop_views(name):
 
 
 def test_swav_training_step_predicts_sinkhorn_codes_of_the_global_crops():
-    m = _method("swav", freeze_prototypes_steps=0).eval()  # eval: deterministic BatchNorm, to recompute by hand
+    m = _method("swav", freeze_prototypes_frac=0.0).eval()  # eval: deterministic BatchNorm, to recompute by hand
     glob, loc = m.prepare(_images(6), torch.Generator().manual_seed(1))
     out = m.training_step((glob, loc))
     with torch.no_grad():
@@ -191,7 +191,8 @@ def test_swav_training_step_predicts_sinkhorn_codes_of_the_global_crops():
 
 
 def test_swav_prototypes_stay_unit_vectors_and_are_frozen_for_the_first_steps():
-    m = _method("swav", freeze_prototypes_steps=2)
+    m = _method("swav", freeze_prototypes_frac=0.2)
+    m._total = 10  # as on_epoch_start sets it from the trainer: 0.2 of 10 steps
     assert torch.allclose(m.prototypes.weight.norm(dim=1), torch.ones(12), atol=1e-6)
     opt = torch.optim.SGD(m.param_groups(), lr=0.5)
     for step in range(3):
@@ -212,7 +213,7 @@ def test_swav_prototypes_stay_unit_vectors_and_are_frozen_for_the_first_steps():
 
 
 def test_swav_queue_fills_with_the_global_embeddings_and_enters_sinkhorn_once_full():
-    m = _method("swav", queue_length=8, queue_start_epoch=0, freeze_prototypes_steps=0).eval()
+    m = _method("swav", queue_length=8, queue_start_frac=0.0, freeze_prototypes_frac=0.0).eval()
     assert "queue" in m.state_dict() and "queue_count" in m.state_dict()
     zs = []
     for step in range(2):
@@ -237,21 +238,21 @@ def test_swav_queue_fills_with_the_global_embeddings_and_enters_sinkhorn_once_fu
     assert abs(swav_loss(s, without, 0.1).item() - out["loss"].item()) > 1e-4  # the queue made a difference
     m.after_step(2, 10)  # 4 new rows in front, the 4 oldest dropped
     assert torch.allclose(m.queue[:, 4:], zs[1], atol=1e-6)
-    later = _method("swav", queue_length=8, queue_start_epoch=1)  # epoch 0 < queue_start_epoch: nothing queued
+    later = _method("swav", queue_length=8, queue_start_frac=0.5)  # step 0 of 10 < half the run: nothing queued
     later.training_step(later.prepare(_images(4), torch.Generator().manual_seed(0)))
     later.after_step(0, 10)
     assert int(later.queue_count) == 0 and not later.queue.any()
 
 
 def test_dino_teacher_centre_and_frozen_last_layer():
-    m = _method("dino", freeze_last_layer_epochs=1.0, warmup_teacher_temp_epochs=2.0)
+    m = _method("dino", freeze_last_layer_frac=0.25, warmup_teacher_temp_frac=0.5, momentum_ref_steps=0)
     teacher = list(m.teacher_backbone.parameters()) + list(m.teacher_head.parameters())
     student = list(m.backbone.parameters()) + list(m.head.parameters())
     assert all(not p.requires_grad for p in teacher)
     assert not {id(p) for g in m.param_groups() for p in g["params"]} & {id(p) for p in teacher}
     assert {"center", "teacher_backbone.stages.0.0.weight", "teacher_head.last_v"} <= m.state_dict().keys()
     assert isinstance(m.head.mlp[1], torch.nn.BatchNorm1d)  # conv backbone: BatchNorm in the head (auto)
-    m._steps_per_epoch = 4  # as on_epoch_start sets it from the trainer
+    m._total = 16  # as on_epoch_start sets it from the trainer
 
     # the head: L2-normalised bottleneck times the unit-norm rows of the last layer: cosines
     h = torch.randn(5, m.backbone.out_dim)
@@ -261,7 +262,7 @@ def test_dino_teacher_centre_and_frozen_last_layer():
     assert torch.allclose(out, expected, atol=1e-5) and out.abs().max() <= 1 + 1e-5
     m.train()
 
-    # teacher temperature: linear warm-up 0.04 -> 0.07 over 2 epochs (8 steps), then constant
+    # teacher temperature: linear warm-up 0.04 -> 0.07 over half the run (8 of 16 steps), then constant
     temps = []
     for step in (0, 4, 8, 12):
         m._step = step
@@ -269,7 +270,7 @@ def test_dino_teacher_centre_and_frozen_last_layer():
     assert temps == pytest.approx([0.04, 0.055, 0.07, 0.07])
 
     opt = torch.optim.SGD(m.param_groups(), lr=0.5)
-    for step in (0, 4):  # epoch 0: last layer frozen; epoch 1: trained
+    for step in (0, 4):  # the first quarter (4 steps): last layer frozen; then trained
         m._step = step
         batch = m.prepare(_images(4, seed=step), torch.Generator().manual_seed(step))
         center_before = m.center.clone()
@@ -283,8 +284,8 @@ def test_dino_teacher_centre_and_frozen_last_layer():
         before = [p.clone() for p in teacher]
         opt.step()
         assert all(torch.equal(p, b) for p, b in zip(teacher, before))  # the optimizer leaves the teacher
-        m.after_step(step, 10)
-        lam = cosine_momentum(step, 10, 0.996, 1.0)
+        m.after_step(step, 16)
+        lam = cosine_momentum(step, 16, 0.996, 1.0)
         for p, b, o in zip(teacher, before, student):
             assert torch.allclose(p, lam * b + (1 - lam) * o, atol=1e-6)
         assert torch.allclose(m.center, 0.9 * center_before + 0.1 * t.mean(0, keepdim=True), atol=1e-6)
@@ -293,7 +294,7 @@ def test_dino_teacher_centre_and_frozen_last_layer():
 
 
 def test_dino_loss_in_the_step_uses_the_teacher_on_global_crops_only():
-    m = _method("dino", n_local=3, freeze_last_layer_epochs=0).eval()
+    m = _method("dino", n_local=3, freeze_last_layer_frac=0.0).eval()
     m.center.normal_(generator=torch.Generator().manual_seed(3))
     glob, loc = m.prepare(_images(4), torch.Generator().manual_seed(0))
     out = m.training_step((glob, loc))
@@ -308,8 +309,8 @@ def test_dino_loss_in_the_step_uses_the_teacher_on_global_crops_only():
 def test_step_with_a_vit_backbone_in_bf16(name):
     """vit_tiny: global 16 px and local 8 px crops through one ViT (interpolated position embeddings);
     DINO's head has no BatchNorm there (the paper's ViT head)."""
-    m = _method(name, backbone="vit_tiny", **({"freeze_prototypes_steps": 0} if name == "swav" else
-                                              {"freeze_last_layer_epochs": 0}))
+    m = _method(name, backbone="vit_tiny", **({"freeze_prototypes_frac": 0.0} if name == "swav" else
+                                              {"freeze_last_layer_frac": 0.0}))
     if name == "dino":
         assert not any(isinstance(x, torch.nn.BatchNorm1d) for x in m.head.modules())
     batch = m.prepare(_images(2), torch.Generator().manual_seed(0))
@@ -327,8 +328,8 @@ def test_step_with_a_vit_backbone_in_bf16(name):
 
 MILD = {"crop_scale": [0.5, 1.0], "jitter_p": 0.5, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2,
         "hue": 0.02, "gray_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0}
-TINY = {"swav": {"proj_hidden_dim": 64, "proj_dim": 32, "num_prototypes": 16, "freeze_prototypes_steps": 4},
-        "dino": {"hidden_dim": 64, "bottleneck_dim": 32, "out_dim": 64, "warmup_teacher_temp_epochs": 4.0,
+TINY = {"swav": {"proj_hidden_dim": 64, "proj_dim": 32, "num_prototypes": 16, "freeze_prototypes_frac": 0.25},
+        "dino": {"hidden_dim": 64, "bottleneck_dim": 32, "out_dim": 64, "warmup_teacher_temp_frac": 0.5,
                  "base_momentum": 0.99}}
 
 
@@ -400,10 +401,10 @@ def test_tiny_run_learns_without_collapse(name, tiny_dataset, tmp_path):
 def test_resume_is_exact_with_queue_teacher_and_centre(name, tiny_dataset, tmp_path):
     """Interrupted after step 5 of 8 and resumed, a run ends with the weights, queue, teacher and centre of
     an uninterrupted run. The interruption falls inside the schedules: SwAV's prototypes are frozen for 6
-    steps and its queue (32 rows: 2 steps of 16) starts filling in epoch 2 (step 4); DINO's last layer is
-    frozen for the first epoch and its teacher temperature warms up over 4 epochs."""
-    extra = {"swav": {"queue_length": 32, "queue_start_epoch": 1, "freeze_prototypes_steps": 6},
-             "dino": {"freeze_last_layer_epochs": 1.0}}[name]
+    steps and its queue (32 rows: 2 steps of 16) starts filling at half the run (step 4); DINO's last layer
+    is frozen for the first half and its teacher temperature warms up over the first half."""
+    extra = {"swav": {"queue_length": 32, "queue_start_frac": 0.5, "freeze_prototypes_frac": 0.75},
+             "dino": {"freeze_last_layer_frac": 0.5}}[name]
     cfg = _cfg(name, tiny_dataset / "train", epochs=2, **extra)
     model = assert_resume_is_exact(cfg, tmp_path, stop_step=4).state()["model"]
     if name == "swav":

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"a named dataset, downloaded if missing: {', '.join(DATASET_NAMES)}")
     pt.add_argument("--split", help="split to pretrain on (default train; e.g. unlabeled, train+unlabeled)")
     pt.add_argument("--epochs", type=int)
+    pt.add_argument("--time", metavar="DURATION", help="time budget for the whole run, e.g. 90s, 20m, 2h: the run "
+                    "measures its throughput, fixes its length to end within it (replaces --epochs) and prints the plan")
     pt.add_argument("--batch-size", type=int)
     pt.add_argument("--image-size", type=int, help="side of the (square) training images, default 32")
     pt.add_argument("--backbone", help="resnet18 | resnet50 | convnet")
@@ -67,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--mu", type=int, help="pseudolabel/fixmatch: unlabeled images per labeled one in a batch "
                     "(default 7)")
     ev.add_argument("--threshold", type=float, help="fixmatch: confidence threshold of pseudo-labels (default 0.95)")
+    ev.add_argument("--no-precise-bn", action="store_true", help="frozen protocols: keep the checkpoint's BatchNorm "
+                    "statistics (default: re-estimate them on the training images' evaluation views, no labels)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--no-progress", action="store_true")
@@ -121,7 +125,8 @@ def _pretrain(args) -> int:
     cli = {"train": {}, "data": {}, "model": {}}
     for key, section, name in (("epochs", "train", "epochs"), ("batch_size", "train", "batch_size"),
                                ("device", "train", "device"), ("image_size", "data", "image_size"),
-                               ("split", "data", "split"), ("backbone", "model", "backbone")):
+                               ("split", "data", "split"), ("backbone", "model", "backbone"),
+                               ("time", "train", "time_budget")):
         if getattr(args, key) is not None:
             cli[section][name] = getattr(args, key)
     if args.data is not None:
@@ -163,7 +168,7 @@ def _evaluate(args) -> int:
                  labels_per_class=args.labels_per_class, image_size=args.image_size, k=args.k,
                  temperature=args.temperature, device=args.device, seed=args.seed, progress=not args.no_progress,
                  fraction=args.fraction, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mu=args.mu,
-                 threshold=args.threshold, steps=args.steps)
+                 threshold=args.threshold, steps=args.steps, precise_bn_stats=not args.no_precise_bn)
     dest = Path(args.out) if args.out else Path(args.run) / "eval"
     n_train = f"{r['n_labeled']} labeled" if "n_labeled" in r else str(r["n_train"])
     print(f"{args.protocol} top-1: {r['top1']:.4f}  ({n_train} train / {r['n_test']} test images; "

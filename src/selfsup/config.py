@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,11 +57,14 @@ class OptimConfig:
     warmup_epochs: float = 0.0  # linear warm-up, capped at 10% of the run, then cosine decay
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     lars_eta: float = 0.02  # LARS trust coefficient (You et al. 2017)
+    lars_clip: bool = True  # LARS: cap each layer's adapted rate at the global lr (solo-learn's clip_lr)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
+    epochs: int = 100  # ignored when time_budget is set
+    time_budget: str | None = None  # e.g. "90s", "20m", "2h", "1h30m": the whole run ends within it
+    total_steps: int | None = None  # the run's length in optimizer steps; fixed by the time budget's plan
     batch_size: int = 256
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -68,6 +72,7 @@ class TrainConfig:
     channels_last: bool = True
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
     log_every: int = 20  # steps between rows of metrics.csv
+    log_seconds: float = 30.0  # seconds between plain progress lines when no progress bar is shown
     sync_bn: bool = False  # distributed runs: SyncBatchNorm (batch statistics over all processes; CUDA)
 
 
@@ -164,7 +169,10 @@ def update_dataclass(obj: Any, values: dict[str, Any], where: str = "") -> Any:
         if key not in names:
             raise _unknown(key, names, where)
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if isinstance(current, dict) and isinstance(value, dict):
+            # e.g. params: an override sets the keys it names and keeps the others (the preset's)
+            setattr(obj, key, {**current, **value})
+        elif dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"'{where}{key}' is a section; set its fields, e.g. {where}{key}.<name>=...")
             update_dataclass(current, value, f"{where}{key}.")
@@ -252,6 +260,28 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name} must be >= 1, got {v}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.train.time_budget is not None:
+        parse_duration(cfg.train.time_budget)  # raises ConfigError when malformed
+    if cfg.train.total_steps is not None and cfg.train.total_steps < 1:
+        raise ConfigError(f"train.total_steps must be >= 1, got {cfg.train.total_steps}")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)", re.IGNORECASE)
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds in ``"90s"``, ``"20m"``, ``"2h"``, ``"1h30m"`` or a plain number of seconds."""
+    raw = str(text).strip()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        parts = _DURATION.findall(raw)
+        if not parts or _DURATION.sub("", raw).strip():
+            raise ConfigError(f"cannot read the time budget '{text}': use e.g. 90s, 20m, 2h or 1h30m") from None
+        seconds = sum(float(v) * {"h": 3600, "m": 60, "s": 1}[u.lower()] for v, u in parts)
+    if not seconds > 0:
+        raise ConfigError(f"the time budget must be positive, got '{text}'")
+    return seconds
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

@@ -10,21 +10,30 @@ from .config import OptimConfig
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling (You, Gitman & Ginsburg 2017, Alg. 1).
+    """SGD with momentum and layer-wise adaptive rate scaling (You, Gitman & Ginsburg 2017, Alg. 1),
+    as solo-learn implements it (``solo/utils/lars.py``), which the CIFAR presets cite.
 
-    For each parameter ``w`` with gradient ``g`` (weight decay ``wd`` folded in)::
+    For each parameter ``w`` with gradient ``g`` and weight decay ``wd``::
 
-        local_lr = eta * ||w|| / (||g + wd * w||)        (1 where either norm is 0)
+        local_lr = eta * ||w|| / (||g|| + wd * ||w|| + eps)      (paper Eq. 6)
+        if clip: local_lr = min(local_lr / lr, 1)                 (solo-learn's clip_lr)
         v = momentum * v + local_lr * (g + wd * w)
         w = w - lr * v
 
-    Parameter groups with ``lars_exclude=True`` (biases and norm layers, as in SimCLR/BYOL) skip the
-    adaptation and the weight decay and get plain SGD with momentum.
+    (where ``||w||`` or ``||g||`` is 0 the step is plain SGD on ``g``, as in solo-learn). Without the clip the step of every layer is about ``lr * eta * ||w||`` however small its
+    gradient; with it a layer never moves faster than plain SGD at ``lr`` would move it (the
+    adaptation only slows layers down). Every solo-learn CIFAR LARS recipe sets ``clip_lr: True``
+    with ``eta = 0.02``; the papers (SimCLR, BYOL) use ``eta = 1e-3`` without a clip.
+
+    Parameter groups with ``lars_exclude=True`` (biases and norm layers, as in SimCLR/BYOL and
+    solo-learn's ``exclude_bias_n_norm``) skip the adaptation and the weight decay: plain SGD with
+    momentum.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.02) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False)
+                 eta: float = 0.02, clip: bool = True, eps: float = 1e-8) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip, eps=eps,
+                        lars_exclude=False)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -34,17 +43,18 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            wd = group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 g = p.grad
                 if not group["lars_exclude"]:
-                    if group["weight_decay"]:
-                        g = g.add(p, alpha=group["weight_decay"])
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
-                                        torch.ones_like(w_norm))
-                    g = g.mul(trust)
+                    local = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                    if group["clip"]:
+                        local = torch.clamp(local / group["lr"], max=1.0) if group["lr"] > 0 else torch.ones_like(local)
+                    scaled = (g.add(p, alpha=wd) if wd else g).mul(local)
+                    g = torch.where((w_norm > 0) & (g_norm > 0), scaled, g)  # as solo-learn: a zero norm, no change
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.clone(g).detach()
@@ -58,7 +68,8 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig, batch_size: int)
     """The run's learning rate is ``cfg.lr * batch_size / 256`` (linear scaling rule, Goyal et al. 2017)."""
     lr = cfg.lr * batch_size / 256
     if cfg.name == "lars":
-        return LARS(param_groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
+        return LARS(param_groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta,
+                    clip=cfg.lars_clip)
     groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in param_groups]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -34,11 +34,13 @@ of each epoch (DeepCluster: ``Method.on_epoch_start`` / ``Method.epoch_order``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +51,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .config import Config, ConfigError, finalize, load_config, save_config, update_dataclass
+from .config import Config, ConfigError, finalize, load_config, parse_duration, save_config, update_dataclass
 from .data import CachedImages, load_images
 from .methods import Method, get_method
 from .monitor import collapse_warning, embedding_health
@@ -60,6 +62,37 @@ log = logging.getLogger("selfsup")
 
 CHECKPOINT_VERSION = 2  # 2: "optimizers" holds one state dict per phase
 HEALTH_SAMPLES = 512
+PLAN_WARMUP_STEPS = 3  # steps of a time budget's probe not timed (first-call allocations, kernel choice)
+PLAN_MIN_STEPS = 10  # timed steps at least
+PLAN_MIN_SECONDS = 2.0  # and at least this many seconds of timed steps (or 3% of the budget)
+PLAN_MARGIN = 0.02  # fraction of the budget kept free for what the plan cannot measure
+
+
+def planned_steps(seconds: float, step_s: float, steps_per_epoch: int, start: int, epoch_s: float,
+                  save_s: float, ckpt_every: int) -> int:
+    """The largest total step count ``N`` (at least ``start + 1``) whose remaining steps from ``start``,
+    with ``epoch_s`` of extra work at the end of every epoch boundary they cross and a checkpoint every
+    ``ckpt_every`` steps, fit in ``seconds``."""
+    def cost(n: int) -> float:
+        steps = n - start
+        epochs = n // steps_per_epoch - start // steps_per_epoch  # epoch ends crossed
+        saves = n // ckpt_every - start // ckpt_every
+        return steps * step_s + epochs * epoch_s + saves * save_s
+
+    per_step = step_s + epoch_s / steps_per_epoch + save_s / ckpt_every
+    n = start + max(1, int(seconds / per_step)) if seconds > 0 else start + 1
+    while n > start + 1 and cost(n) > seconds:
+        n -= 1
+    while cost(n + 1) <= seconds:
+        n += 1
+    return n
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -220,6 +253,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
                  data: CachedImages | None = None) -> None:
+        self.started = time.perf_counter()  # the time budget counts from here (data loading included)
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
         self.rank, self.world_size, device = distributed.setup(cfg.train.device)
@@ -249,11 +283,14 @@ class Trainer:
         self.stream = BatchStream(data.images, cfg.train.batch_size, cfg.train.seed, self.device,
                                   order_fn=self.method.epoch_order, rank=self.rank, world_size=self.world_size)
         self.steps_per_epoch = self.stream.steps_per_epoch
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
-
         self.optimizers = build_phase_optimizers(self.method, cfg)
         self.base_lrs = {p: [g["lr"] for g in opt.param_groups] for p, opt in self.optimizers.items()}
-        self.warmup_steps = warmup_steps_for(cfg.optim, self.steps_per_epoch, self.total_steps)
+        # the run's length: train.total_steps when fixed (by hand, or by a time budget's plan, which
+        # records it in config.yaml so that --resume keeps it), else epochs x steps per epoch; a time
+        # budget without a recorded length is planned by fit() from the run's measured throughput
+        self.budget = parse_duration(cfg.train.time_budget) if cfg.train.time_budget else None
+        self.planned = cfg.train.total_steps is not None or self.budget is None
+        self.set_length(cfg.train.total_steps or self.steps_per_epoch * cfg.train.epochs)
         # label-free health is measured every epoch on a fixed subset of the training images
         self.health_idx = np.sort(torch.randperm(len(data), generator=torch.Generator().manual_seed(
             cfg.train.seed + 1)).numpy()[:HEALTH_SAMPLES])
@@ -276,6 +313,11 @@ class Trainer:
             log.warning("%d input file(s) could not be decoded and were skipped; list in %s",
                         len(data.skipped), self.run_dir / "skipped.txt")
 
+    def set_length(self, total_steps: int) -> None:
+        """Fix the run's length; every schedule (lr, momentum, temperatures) follows it."""
+        self.total_steps = int(total_steps)
+        self.warmup_steps = warmup_steps_for(self.cfg.optim, self.steps_per_epoch, self.total_steps)
+
     # -- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict:
         return {
@@ -291,9 +333,9 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
 
-    def save(self) -> None:
+    def save(self, path: Path | None = None) -> None:
         if self.is_main:
-            atomic_torch_save(self.state(), self.ckpt_path)
+            atomic_torch_save(self.state(), path or self.ckpt_path)
 
     def _restore(self) -> None:
         if not self.ckpt_path.exists():
@@ -383,37 +425,40 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        if self.step >= self.total_steps:
+        if self.planned and self.step >= self.total_steps:
             log.info("run already complete (%d steps)", self.step)
             return self.run_dir
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=None if self.progress else True,
+        bar_shown = self.progress and sys.stderr.isatty()
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not bar_shown,
                    dynamic_ncols=True, desc=cfg.method)
         window: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
+        line_at, line_step = time.perf_counter(), self.step  # the last plain progress line
         try:
             with self._signals():
                 while self.step < self.total_steps:
                     epoch, start = divmod(self.step, self.steps_per_epoch)
+                    self._epoch_started = time.perf_counter()
                     self.method.on_epoch_start(self, epoch)
+                    if not self.planned:
+                        self.plan(epoch)
+                        bar.reset(total=self.total_steps)
+                        line_at, line_step = time.perf_counter(), self.step
                     for images in self.stream.batches(epoch, start):
                         t0 = time.perf_counter()
-                        lr = self.set_lr(self.step)
-                        self.method.batch_indices = torch.from_numpy(self.stream.indices)
-                        out = self.train_step(images, self.step)
-                        loss = float(out["loss"])
-                        if distributed.any_flag(not math.isfinite(loss), self.device):
-                            self._non_finite(loss, epoch)
+                        out = self.run_step(images, epoch)
                         self.step += 1
                         self.elapsed += time.perf_counter() - t0
                         for k, v in out.items():
                             window[k] = window.get(k, 0.0) + float(v)
                         window_steps += 1
                         end_of_epoch = self.step % self.steps_per_epoch == 0
-                        if self.is_main and (self.step % cfg.train.log_every == 0 or end_of_epoch):
+                        if self.is_main and (self.step % cfg.train.log_every == 0 or end_of_epoch
+                                             or self.step == self.total_steps):
                             dt = time.perf_counter() - window_start
                             row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
                                    **{k: round(v / window_steps, 6) for k, v in window.items()},
-                                   "lr": f"{lr:.6g}",
+                                   "lr": f"{self.lr:.6g}",
                                    "img_per_s": round(window_steps * cfg.train.batch_size / dt, 1),
                                    "elapsed_s": round(self.elapsed, 2), "feat_std": "", "rankme": ""}
                             if end_of_epoch:
@@ -424,20 +469,141 @@ class Trainer:
                                     log.warning("epoch %d: %s", epoch + 1, warning)
                             self.metrics.write(row)
                             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=row["img_per_s"], refresh=False)
-                            bar.set_description(f"{cfg.method} epoch {epoch + 1}/{cfg.train.epochs}")
+                            bar.set_description(f"{cfg.method} epoch {epoch + 1}/{self.epochs}")
                             window, window_steps, window_start = {}, 0, time.perf_counter()
                         bar.update(1)
+                        now = time.perf_counter()
+                        if self.is_main and not bar_shown and self.progress and (
+                                now - line_at >= cfg.train.log_seconds or self.step == self.total_steps):
+                            self.progress_line(float(out["loss"]), (self.step - line_step) / max(now - line_at, 1e-9))
+                            line_at, line_step = now, self.step
                         if self.step % cfg.train.ckpt_every == 0 or self.step == self.total_steps:
                             self.save()
                         if distributed.any_flag(self._stop_signal is not None, self.device):
                             if self.step % cfg.train.ckpt_every != 0 and self.step != self.total_steps:
                                 self.save()
                             raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, self.step, self.ckpt_path)
+                        if self.step >= self.total_steps:  # a planned length may end mid-epoch
+                            break
         finally:
             bar.close()
         if self.is_main:
             self.draw_figures()
+            if self.budget is not None:
+                used = time.perf_counter() - self.started
+                log.info("time budget %s: this session of the run took %s (%.1f%% of the budget)",
+                         format_duration(self.budget), format_duration(used), 100 * used / self.budget)
         return self.run_dir
+
+    @property
+    def epochs(self) -> int:
+        """Epochs the run touches (the last one may be partial)."""
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def run_step(self, images: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        """One optimizer step of the loop at ``self.step`` (the step counter is the caller's)."""
+        self.lr = self.set_lr(self.step)
+        self.method.batch_indices = torch.from_numpy(self.stream.indices)
+        out = self.train_step(images, self.step)
+        loss = float(out["loss"])
+        if distributed.any_flag(not math.isfinite(loss), self.device):
+            self._non_finite(loss, epoch)
+        return out
+
+    def progress_line(self, loss: float, steps_per_s: float) -> None:
+        """A plain line for logs (nohup, pipes, CI) where no progress bar is drawn."""
+        left = (self.total_steps - self.step) / max(steps_per_s, 1e-9)
+        log.info("%s step %d/%d (epoch %.2f)  loss %.4f  %.0f img/s  elapsed %s  ETA %s", self.cfg.method,
+                 self.step, self.total_steps, self.step / self.steps_per_epoch, loss,
+                 steps_per_s * self.cfg.train.batch_size, format_duration(time.perf_counter() - self.started),
+                 format_duration(left))
+
+    # -- the time budget -----------------------------------------------------------------------
+    def plan(self, epoch: int) -> None:
+        """Fix ``total_steps`` so that the whole run ends within ``train.time_budget``.
+
+        Measures, on this machine and this run, the time of a training step (a few warm-up steps
+        excluded), of the per-epoch work (the method's ``on_epoch_start``, e.g. DeepCluster's
+        clustering, timed when the epoch started; the health check), of a checkpoint and of the
+        figures; then rolls the model, optimizers and RNG back to where they were, so the measured
+        steps leave no trace. The plan is printed and recorded in ``config.yaml``
+        (``train.total_steps``), so ``--resume`` continues the same schedule."""
+        budget = self.budget
+        snapshot = (copy.deepcopy(self.method.state_dict()),
+                    {p: copy.deepcopy(o.state_dict()) for p, o in self.optimizers.items()},
+                    torch.get_rng_state(), torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                    self.step, self.elapsed)
+        epoch_work = time.perf_counter() - self._epoch_started if hasattr(self, "_epoch_started") else 0.0
+        times: list[float] = []
+        probe_limit = max(1.5 * PLAN_MIN_SECONDS, 0.03 * budget)  # seconds of rehearsal at most
+        t_probe = t_prev = time.perf_counter()
+        e = epoch
+        while not times or not self._probe_done(times, t_prev - t_probe, probe_limit):
+            it = self.stream.batches(e, self.step % self.steps_per_epoch)
+            for images in it:
+                self.run_step(images, e)
+                self.step += 1
+                self._sync_device()
+                now = time.perf_counter()
+                times.append(now - t_prev)
+                t_prev = now
+                if self._probe_done(times, now - t_probe, probe_limit):
+                    break
+            it.close()
+            e += 1
+        measured = times[PLAN_WARMUP_STEPS:]
+        step_s = float(np.mean(measured))
+        self.health()  # once to warm up, once timed
+        t0 = time.perf_counter()
+        self.health()
+        health_s = time.perf_counter() - t0
+        tmp = self.ckpt_path.with_name(".plan.pt")
+        t0 = time.perf_counter()
+        self.save(tmp)
+        save_s = time.perf_counter() - t0
+        tmp.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        if self.is_main:
+            self.draw_figures()
+        figures_s = time.perf_counter() - t0
+        # roll back: the measured steps were a rehearsal
+        model, opts, rng, cuda_rng, self.step, self.elapsed = snapshot
+        self.method.load_state_dict(model)
+        for p, o in self.optimizers.items():
+            o.load_state_dict(opts[p])
+        torch.set_rng_state(rng)
+        if cuda_rng:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        self.method.on_epoch_start(self, epoch)  # cheap now: the epoch's work is in the restored state
+        left = budget * (1 - PLAN_MARGIN) - (time.perf_counter() - self.started) - figures_s - save_s
+        total = planned_steps(left, step_s, self.steps_per_epoch, self.step, epoch_work + health_s,
+                              save_s, self.cfg.train.ckpt_every)
+        total = int(distributed.broadcast(torch.tensor([total], device=self.device)).item())
+        self.set_length(total)
+        self.cfg.train.total_steps = total
+        self.planned = True
+        end = time.time() + (total - self.step) * step_s + (self.epochs - epoch) * (epoch_work + health_s) + figures_s
+        if self.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            log.info("time budget %s: %.0f ms per step (%.0f img/s, mean of %d steps), %.1f s per epoch of "
+                     "other work, %.1f s per checkpoint, %.1f s for the figures -> %d steps (%.2f epochs of %d "
+                     "steps); expected end %s", format_duration(budget), 1000 * step_s,
+                     self.cfg.train.batch_size / step_s, len(measured), epoch_work + health_s, save_s, figures_s,
+                     total, total / self.steps_per_epoch, self.steps_per_epoch, time.strftime("%H:%M:%S",
+                                                                                              time.localtime(end)))
+            if total - self.step <= 1:
+                log.warning("time budget %s leaves room for %d step(s) only; give the run more time",
+                            format_duration(budget), total - self.step)
+
+    @staticmethod
+    def _probe_done(times: list[float], spent: float, limit: float) -> bool:
+        timed = len(times) - PLAN_WARMUP_STEPS
+        return timed >= 2 and (spent >= limit or (timed >= PLAN_MIN_STEPS
+                                                  and sum(times[PLAN_WARMUP_STEPS:]) >= PLAN_MIN_SECONDS))
+
+    def _sync_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def draw_figures(self) -> list[Path]:
         """The method's pictures of its own task into ``RUN_DIR/figures`` (a failure is logged, never

@@ -22,8 +22,8 @@ SMALL = {
     "barlow_twins": {"proj_hidden_dim": 32, "proj_dim": 16},
     "vicreg": {"proj_hidden_dim": 32, "proj_dim": 16},
     "moco_v3": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
-    "swav": {"proj_hidden_dim": 32, "proj_dim": 16, "num_prototypes": 10, "freeze_prototypes_steps": 0},
-    "dino": {"hidden_dim": 32, "bottleneck_dim": 16, "out_dim": 24, "freeze_last_layer_epochs": 0},
+    "swav": {"proj_hidden_dim": 32, "proj_dim": 16, "num_prototypes": 10, "freeze_prototypes_frac": 0.0},
+    "dino": {"hidden_dim": 32, "bottleneck_dim": 16, "out_dim": 24, "freeze_last_layer_frac": 0.0},
 }
 MULTI_CROP = {"swav": 2, "dino": 2}  # training_step((global views [x1; x2], local views)): local views per image
 

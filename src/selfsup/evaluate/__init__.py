@@ -41,7 +41,7 @@ import torch
 
 from ..config import ConfigError
 from ..data import CachedImages, load_images
-from .features import Encoder, cached_features, extract_features, load_encoder
+from .features import Encoder, cached_features, extract_features, load_encoder, precise_bn
 from .knn import knn_predict, knn_top1
 from .features import extract_stage_features
 from .linear import linear_probe
@@ -100,10 +100,15 @@ def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | N
              temperature: float = 0.1, device: str = "auto", seed: int = 0, cache_dir: str | None = None,
              progress: bool = True, encoder: Encoder | None = None, fraction: float | None = None,
              epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
-             mu: int | None = None, threshold: float | None = None, steps: int | None = None) -> dict:
+             mu: int | None = None, threshold: float | None = None, steps: int | None = None,
+             precise_bn_stats: bool = True) -> dict:
     """Run one protocol and write its json; returns the result dict. ``fraction`` (default 1),
     ``epochs`` or ``steps``, ``batch_size``, ``lr`` and, for the semi-supervised ones, ``mu`` and ``threshold``
-    (fixmatch) apply to the fraction protocols; None keeps their defaults (``finetune.py``, ``semi.py``)."""
+    (fixmatch) apply to the fraction protocols; None keeps their defaults (``finetune.py``, ``semi.py``).
+
+    Frozen protocols first re-estimate the backbone's BatchNorm statistics on the evaluation views of
+    the training images (:func:`selfsup.evaluate.features.precise_bn`; no labels), recorded as
+    ``precise_bn`` (images used) in the json; ``precise_bn_stats=False`` keeps the checkpoint's."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol '{protocol}'; choose one of: {', '.join(PROTOCOLS)}")
     if protocol in FRACTION_PROTOCOLS:
@@ -139,6 +144,10 @@ def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | N
     result = {"protocol": protocol, "run": run, "train": train, "test": test, "n_train": len(tr),
               "n_test": len(te), "num_classes": num_classes, "labels_per_class": labels_per_class,
               "backbone": encoder.spec}
+    if protocol not in FRACTION_PROTOCOLS:
+        result["precise_bn"] = precise_bn(encoder, tr.images, device, seed=seed) if precise_bn_stats else 0
+        if result["precise_bn"]:
+            log.info("BatchNorm statistics re-estimated on %d training images (precise BN)", result["precise_bn"])
     if protocol in FRACTION_PROTOCOLS:
         options = {k: v for k, v in dict(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, mu=mu,
                                          threshold=threshold).items() if v is not None}

@@ -75,6 +75,52 @@ def extract_features(encoder: Encoder, images: np.ndarray, device: str | torch.d
     return embed(model, images, view, device, encoder.precision, batch_size, encoder.input_mode)
 
 
+PRECISE_BN_IMAGES = 4096  # images whose evaluation views re-estimate the BatchNorm statistics
+
+
+@torch.no_grad()
+def precise_bn(encoder: Encoder, images: np.ndarray, device: str | torch.device = "auto",
+               max_images: int = PRECISE_BN_IMAGES, batch_size: int = 256, seed: int = 0) -> int:
+    """Re-estimate the running mean and variance of every BatchNorm of ``encoder.backbone`` on the
+    evaluation views of ``images`` (uint8 NHWC, no labels used); returns how many images were used (0
+    when the backbone has no BatchNorm, e.g. a ViT: nothing changes).
+
+    A method trained on other inputs than whole images (jigsaw tiles, relative-location patches,
+    inpainting's masked images, SwAV/DINO's small local crops, a GAN discriminator's half-generated
+    batches) leaves running statistics of *those* inputs, and the eval-mode backbone then normalises
+    whole images with the wrong mean and variance. This is precise BN (Wu & Johnson 2021,
+    "Rethinking 'Batch' in BatchNorm", Sec. 3; the BiGAN reference code re-estimates its encoder's
+    statistics the same way): a fixed random subset of up to ``max_images`` images, in batches, through
+    the backbone in train mode with ``momentum=None`` (a cumulative average of the batches' statistics);
+    the weights are untouched. Runs in float32."""
+    from ..data.views import eval_input
+
+    model = encoder.backbone
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or len(images) == 0:
+        return 0
+    device = resolve_device(device) if isinstance(device, str) else device
+    model.to(device)
+    view = AugConfig(size=encoder.spec["image_size"], mean=encoder.mean, std=encoder.std)
+    n = min(len(images), max_images)
+    idx = np.sort(np.random.default_rng(seed).permutation(len(images))[:n])
+    momenta = [m.momentum for m in bns]
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches
+    model.train()
+    try:
+        for i in range(0, n, batch_size):
+            x = torch.from_numpy(np.array(images[idx[i:i + batch_size]])).permute(0, 3, 1, 2).to(device)
+            model(eval_input(x, view, encoder.input_mode).contiguous(memory_format=torch.channels_last))
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    return n
+
+
 FEATURE_CACHE_KEEP = 16  # feature files kept in the cache folder (the least recently used go first)
 
 

@@ -9,8 +9,13 @@ Algorithm 1 of the paper (symmetrised loss, Eq. 2)::
         z1', z2' = g'(f'(x1)), g'(f'(x2))             # target: EMA copies f', g' (no gradient)
         loss = byol_loss(p1, sg(z2')) + byol_loss(p2, sg(z1'))   # 2 - 2 cos, Eq. 2
         loss.backward(); optimizer.step()             # online network only
-        tau = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2
+        tau = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2   # tau_base for the run's length K
+
         f', g' = tau * (f', g') + (1 - tau) * (f, g)  # after_step (ema_update)
+
+``tau_base`` follows the run's length: the recipe's 0.99 is for 1000 CIFAR epochs, and a shorter run
+starts lower (:func:`selfsup.ema.run_momentum`, after the BYOL repository's presets, which lower it to
+0.97 for 40-epoch runs); ``params.momentum_ref_steps=0`` keeps 0.99 at any length.
 
 Each view is its own forward pass (BatchNorm statistics per view) and the target runs in training
 mode (batch statistics), as in the reference implementation. Features for downstream tasks are
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.views import two_views
-from ..ema import cosine_momentum, ema_update, frozen_copy
+from ..ema import cosine_momentum, ema_update, frozen_copy, run_momentum
 from ..heads import MLP
 from ..monitor import normalized_std
 from ..losses import byol_loss
@@ -50,6 +55,8 @@ class BYOL(Method):
         pred_hidden_dim: int = 2048
         base_momentum: float = 0.99  # tau_base (paper: 0.996 on ImageNet; 0.99 for CIFAR-sized data)
         final_momentum: float = 1.0
+        momentum_ref_steps: int = 195_000  # the run length base_momentum is for (solo-learn CIFAR: 1000
+        # epochs x 195 steps); shorter runs start lower (ema.run_momentum); 0: base_momentum at any length
         view2_blur_p: float | None = None  # None: as aug.blur_p
         view2_solarize_p: float | None = 0.2  # paper: 0.0 for view 1 (aug), 0.2 for view 2
 
@@ -77,6 +84,7 @@ class BYOL(Method):
         return {"loss": loss, "z_std": normalized_std(z1)}
 
     def after_step(self, step, total_steps):
-        tau = cosine_momentum(step, total_steps, self.hp.base_momentum, self.hp.final_momentum)
+        base = run_momentum(self.hp.base_momentum, total_steps, self.hp.momentum_ref_steps)
+        tau = cosine_momentum(step, total_steps, base, self.hp.final_momentum)
         ema_update(self.target_backbone, self.backbone, tau)
         ema_update(self.target_projector, self.projector, tau)

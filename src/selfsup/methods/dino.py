@@ -12,7 +12,7 @@ Algorithm 1 of the paper, with multi-crop and the schedules of the official code
         loss = 1/(2(V-1)) sum_{a=1,2} sum_{v != a} H(t_a, s_v)                  # dino_loss
             # H(t, s) = -softmax((t - C) / tau_t) . log softmax(s / tau_s)
         loss.backward()
-        if epoch < freeze_last_layer_epochs: last_layer.grad = None            # the first epoch
+        if step < freeze_last_layer_frac * steps: last_layer.grad = None    # the run's first 1%
         update(gs)                                    # optimizer step on the student only
         gt.params = l * gt.params + (1 - l) * gs.params    # after_step, l: cosine 0.996 -> 1
         C = m * C + (1 - m) * mean(t_1, t_2)          # after_step, m = 0.9, batch mean all-reduced
@@ -41,9 +41,12 @@ the last layer frozen for the first epoch, AdamW with weight decay 0.04 -> 0.4 a
 3.0. Scaled for 32-96 px images (as solo-learn's CIFAR recipe): ``out_dim = 4096`` (65536 / 16),
 6 local crops at :func:`selfsup.data.views.multi_crop`'s default size (3/7 of the image as 96/224: 12
 px at 32 px), a constant weight decay (the trainer has no weight-decay schedule) and no gradient
-clipping. Epoch schedules are applied per step (fractional epochs): the teacher temperature reaches
-``teacher_temp`` after ``warmup_teacher_temp_epochs`` epochs (the official code steps it once per
-epoch). Works with the convnet / ResNet backbones (pooled features) and the ViTs (class token; there
+clipping. The paper's epoch schedules become fractions of the run, applied per step, so that they
+fit a run of any length (a 30-epoch warm-up is all of a short run): the teacher temperature reaches
+``teacher_temp`` after ``warmup_teacher_temp_frac`` of the run (paper: 30 of 100 epochs; the official
+code steps it once per epoch), the last layer is frozen for ``freeze_last_layer_frac`` (1 of 100
+epochs), and the teacher's momentum starts lower in runs shorter than ``momentum_ref_steps``
+(:func:`selfsup.ema.run_momentum`; 0.996 is the paper's for 100 ImageNet epochs). Works with the convnet / ResNet backbones (pooled features) and the ViTs (class token; there
 use ``optim.name=adamw optim.lr=5e-4 optim.weight_decay=0.04``). Features for downstream tasks are
 the student backbone's.
 """
@@ -60,7 +63,7 @@ import torch.nn.functional as F
 
 from ..backbones import VITS
 from ..distributed import is_distributed, world_size
-from ..ema import cosine_momentum, ema_update, frozen_copy
+from ..ema import cosine_momentum, ema_update, frozen_copy, run_momentum
 from ..figures import sample_images
 from ..losses import dino_loss
 from ..monitor import normalized_std
@@ -120,11 +123,15 @@ class DINO(MultiCropViews, Method):
         student_temp: float = 0.1  # tau_s
         teacher_temp: float = 0.07  # tau_t after the warm-up (paper: 0.04 -> 0.07)
         warmup_teacher_temp: float = 0.04  # tau_t at the start
-        warmup_teacher_temp_epochs: float = 30.0  # linear warm-up of tau_t (paper: 30)
+        warmup_teacher_temp_frac: float = 0.3  # linear warm-up of tau_t over this fraction of the run
+        # (paper: 30 of 100 epochs)
         center_momentum: float = 0.9  # m of the centre's EMA (paper)
         base_momentum: float = 0.996  # teacher EMA lambda, cosine to final_momentum (paper: 0.996 -> 1)
         final_momentum: float = 1.0
-        freeze_last_layer_epochs: float = 1.0  # the last layer gets no update for these epochs (paper: 1)
+        momentum_ref_steps: int = 125_100  # the run length base_momentum is for (paper: 100 ImageNet epochs
+        # x 1251 steps); shorter runs start lower (ema.run_momentum); 0: base_momentum at any length
+        freeze_last_layer_frac: float = 0.01  # the last layer gets no update for this fraction of the
+        # run (paper: 1 of 100 epochs)
         n_local: int = 6  # small crops per image (paper: 8-10 x 96 px with 2 x 224 px)
         local_size: int | None = None  # px; None: multi_crop's 3/7 of the image size (12 px at 32 px)
         global_scale: tuple[float, float] = (0.4, 1.0)  # crop area fractions (paper's ViT defaults)
@@ -148,21 +155,21 @@ class DINO(MultiCropViews, Method):
         self.teacher_backbone = frozen_copy(self.backbone)
         self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, hp.out_dim))
-        self._step, self._steps_per_epoch = 0, 0  # set by on_epoch_start (also on resume) and after_step
+        self._step, self._total = 0, 0  # set by on_epoch_start (also on resume) and after_step
         self._batch_center: torch.Tensor | None = None  # this step's teacher mean, applied by after_step
 
     def on_epoch_start(self, trainer, epoch):
-        self._step, self._steps_per_epoch = trainer.step, trainer.steps_per_epoch
+        self._step, self._total = trainer.step, trainer.total_steps
 
-    def epoch(self) -> float:
-        """Training progress in (fractional) epochs at the current step (0 outside a trainer)."""
-        return self._step / self._steps_per_epoch if self._steps_per_epoch else 0.0
+    def progress(self) -> float:
+        """The fraction of the run done at the current step (0 outside a trainer)."""
+        return self._step / self._total if self._total else 0.0
 
     def teacher_temp(self) -> float:
         hp = self.hp
-        if hp.warmup_teacher_temp_epochs <= 0:
+        if hp.warmup_teacher_temp_frac <= 0:
             return hp.teacher_temp
-        f = min(1.0, self.epoch() / hp.warmup_teacher_temp_epochs)
+        f = min(1.0, self.progress() / hp.warmup_teacher_temp_frac)
         return hp.warmup_teacher_temp + f * (hp.teacher_temp - hp.warmup_teacher_temp)
 
     def training_step(self, batch):
@@ -171,7 +178,7 @@ class DINO(MultiCropViews, Method):
         h = self.backbone(glob)
         if loc is not None:  # one pass per resolution, as the official MultiCropWrapper
             h = torch.cat([h, self.backbone(loc)])
-        student = self.head(h, freeze_last_layer=self.epoch() < self.hp.freeze_last_layer_epochs)
+        student = self.head(h, freeze_last_layer=self.progress() < self.hp.freeze_last_layer_frac)
         with torch.no_grad():
             teacher = self.teacher_head(self.teacher_backbone(glob)).float()  # (2n, K): global crops only
         tau_t = self.teacher_temp()
@@ -207,7 +214,9 @@ class DINO(MultiCropViews, Method):
     @torch.no_grad()
     def after_step(self, step, total_steps):
         self._step = step + 1
-        lam = cosine_momentum(step, total_steps, self.hp.base_momentum, self.hp.final_momentum)
+        self._total = total_steps
+        base = run_momentum(self.hp.base_momentum, total_steps, self.hp.momentum_ref_steps)
+        lam = cosine_momentum(step, total_steps, base, self.hp.final_momentum)
         ema_update(self.teacher_backbone, self.backbone, lam)
         ema_update(self.teacher_head, self.head, lam)
         if self._batch_center is not None:

@@ -27,7 +27,8 @@ Architecture (the official code): projector = ``Linear-BN-ReLU`` x (L-1) + ``Lin
 affine) with L = 2 for ResNets and 3 for ViTs; predictor = ``Linear-BN-ReLU-Linear`` (plus a last
 BN for ViTs). The momentum encoder is a copy of backbone + projector, moved by EMA with a momentum
 following a cosine from ``base_momentum`` 0.99 to ``final_momentum`` 1 (the paper's default,
-``--moco-m-cos``). For ViT backbones the patch projection is a fixed random layer (Sec. 4.2, "a
+``--moco-m-cos``); 0.99 is for long runs, a run shorter than ``momentum_ref_steps`` starts lower
+(:func:`selfsup.ema.run_momentum`). For ViT backbones the patch projection is a fixed random layer (Sec. 4.2, "a
 simple trick": it stabilises training; ``params.fixed_patch_embed``). Each view is its own forward
 pass (BN statistics per view), as in the reference implementation. Features for downstream tasks
 are the backbone's.
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 
 from ..backbones import ViT
 from ..data.views import two_views
-from ..ema import cosine_momentum, ema_update, frozen_copy
+from ..ema import cosine_momentum, ema_update, frozen_copy, run_momentum
 from ..heads import MLP
 from ..losses import moco_v3_loss
 from .base import Method
@@ -74,6 +75,8 @@ class MoCoV3(Method):
         proj_layers: int = 0  # 0: the paper's choice, 2 for ConvNets/ResNets, 3 for ViTs
         base_momentum: float = 0.99  # m at step 0 (paper: 0.99, ResNet and ViT, batch 4096)
         final_momentum: float = 1.0  # m at the last step (cosine schedule, paper's --moco-m-cos)
+        momentum_ref_steps: int = 195_000  # the run length base_momentum is for (solo-learn CIFAR: 1000
+        # epochs x 195 steps); shorter runs start lower (ema.run_momentum); 0: base_momentum at any length
         fixed_patch_embed: bool = True  # ViT only: frozen random patch projection (paper Sec. 4.2)
         view2_blur_p: float | None = None  # None: as aug.blur_p (BYOL's asymmetric views, see byol.py)
         view2_solarize_p: float | None = 0.2  # paper (BYOL's augmentations): 0.0 view 1, 0.2 view 2
@@ -117,7 +120,8 @@ class MoCoV3(Method):
         return {"loss": loss, "pretext_acc": acc}
 
     def momentum(self, step: int, total_steps: int) -> float:
-        return cosine_momentum(step, total_steps, self.hp.base_momentum, self.hp.final_momentum)
+        base = run_momentum(self.hp.base_momentum, total_steps, self.hp.momentum_ref_steps)
+        return cosine_momentum(step, total_steps, base, self.hp.final_momentum)
 
     def after_step(self, step, total_steps):
         m = self.momentum(step, total_steps)

@@ -13,10 +13,10 @@ Algorithm 1 of the paper with multi-crop (Sec. 3.2) and the details of the offic
             q_a = sinkhorn([queue_a C^T; s_a], eps=0.05, 3 iterations)[-B:]     for a = 1, 2
         loss = 1/2 sum_a 1/(V-1) sum_{v != a} -sum_k q_a log softmax(s_v / 0.1)  # swapped prediction, Eq. 4
         loss.backward()
-        if step < freeze_prototypes_steps: C.grad = None      # prototypes fixed at the start
+        if step < freeze_prototypes_frac * steps: C.grad = None   # prototypes fixed at the start
         optimizer.step()
         C = normalize(C)                              # after_step
-        queue_a = [z_a; queue_a][:L]                  # after_step, from queue_start_epoch on
+        queue_a = [z_a; queue_a][:L]                  # after_step, from queue_start_frac of the run on
 
 The codes ``q`` (:func:`selfsup.losses.sinkhorn`) are soft assignments of the batch to the prototypes
 with equal mass per prototype (equipartition, which prevents the trivial solution where all images
@@ -34,12 +34,14 @@ temperature 0.1, epsilon 0.05, 3 Sinkhorn iterations, 2 x 224 + 6 x 96 px crops 
   32 px CIFAR images, 40 px at 96 px), set ``local_size`` to change it;
 * ``queue_length = 0`` (no queue): SwAV's queue helps when the batch is small *relative to the
   number of prototypes over many epochs*; for the docs' CIFAR runs (batch 128-256, 1-200 epochs) it is
-  off. Set e.g. ``queue_length=3840, queue_start_epoch=15`` for long runs at batch 256. The queue holds
+  off. Set e.g. ``queue_length=3840`` for long runs at batch 256 (it starts at ``queue_start_frac``). The queue holds
   the global batch's embeddings (gathered across processes, so every process keeps the same queue
   and a checkpoint resumes it exactly); each process adds its share of the queue's rows to
   Sinkhorn, whose all-reduced sums then cover the whole queue once. It is used once full, as in the
   official code;
-* ``freeze_prototypes_steps = 300`` (about the first 3/4 epoch of CIFAR-10 at batch 128).
+* the prototypes are frozen for a fraction of the run, ``freeze_prototypes_frac = 0.002`` (solo-learn's
+  CIFAR recipe: 2 of 1000 epochs; the paper's 5005 iterations are 2% of its 800-epoch runs), so a
+  short run is not spent with fixed prototypes (a constant 300 steps were 77% of a 1-epoch run).
 
 Features for downstream tasks are ``f(x)``.
 """
@@ -82,8 +84,10 @@ class SwAV(MultiCropViews, Method):
         global_scale: tuple[float, float] = (0.14, 1.0)  # crop area fractions (paper)
         local_scale: tuple[float, float] = (0.05, 0.14)
         queue_length: int = 0  # embeddings kept per global crop for Sinkhorn (0: no queue; paper 3840)
-        queue_start_epoch: int = 15  # the queue fills from this epoch on, and is used once full
-        freeze_prototypes_steps: int = 300  # optimizer steps with the prototypes fixed (paper: 5005)
+        queue_start_frac: float = 0.05  # the queue fills from this fraction of the run on, and is used once
+        # full (solo-learn CIFAR: epoch 50 of 1000; paper: 15 of 800 epochs)
+        freeze_prototypes_frac: float = 0.002  # fraction of the run with the prototypes fixed (solo-learn
+        # CIFAR: 2 of 1000 epochs; paper: 5005 of about 250k iterations, 0.02)
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -101,7 +105,7 @@ class SwAV(MultiCropViews, Method):
         # rows hold embeddings yet; buffers, so a resumed run continues with the same queue
         self.register_buffer("queue", torch.zeros(2, hp.queue_length, hp.proj_dim))
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
-        self._step, self._epoch = 0, 0  # set by on_epoch_start (also on resume) and after_step
+        self._step, self._total = 0, 0  # set by on_epoch_start (also on resume) and after_step
         self._new_z: torch.Tensor | None = None  # this step's global embeddings, enqueued by after_step
 
     @torch.no_grad()
@@ -110,7 +114,11 @@ class SwAV(MultiCropViews, Method):
         w.copy_(F.normalize(w, dim=1))
 
     def on_epoch_start(self, trainer, epoch):
-        self._step, self._epoch = trainer.step, epoch
+        self._step, self._total = trainer.step, trainer.total_steps
+
+    def prototypes_frozen(self) -> bool:
+        """During the first ``freeze_prototypes_frac`` of the run (never outside a trainer)."""
+        return self._step < round(self.hp.freeze_prototypes_frac * self._total)
 
     def queue_in_use(self) -> bool:
         """The queue enters Sinkhorn once it is full (one host read of the fill count per step)."""
@@ -125,7 +133,7 @@ class SwAV(MultiCropViews, Method):
         z = F.normalize(self.projector(h).float(), dim=1)  # (V n, D), view-major
         with torch.autocast(z.device.type, enabled=False):
             c = self.prototypes.weight.float()
-            if self._step < self.hp.freeze_prototypes_steps:
+            if self.prototypes_frozen():
                 c = c.detach()  # no gradient: the optimizer leaves the prototypes as they are
             scores = (z @ c.t()).view(-1, n, c.shape[0])  # (V, n, K)
             codes = []
@@ -157,9 +165,10 @@ class SwAV(MultiCropViews, Method):
         self.queue_count.copy_(torch.clamp(self.queue_count + new.shape[1], max=L))
 
     def after_step(self, step, total_steps):
-        self._step = step + 1
+        self._step, self._total = step + 1, total_steps
         self.normalize_prototypes()
-        if self._new_z is not None and self.hp.queue_length > 0 and self._epoch >= self.hp.queue_start_epoch:
+        started = step >= self.hp.queue_start_frac * total_steps
+        if self._new_z is not None and self.hp.queue_length > 0 and started:
             self.enqueue(torch.cat([gather(v) for v in self._new_z]).view(2, -1, self._new_z.shape[-1]))
         self._new_z = None
 

@@ -1,0 +1,124 @@
+"""The time budget (``--time``): its plan, its rehearsal that leaves no trace, exact resume; the plain
+progress lines; ``params.KEY=...`` overrides that merge into the preset."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import yaml
+
+import selfsup.train as train_mod
+from selfsup.cli import main
+from selfsup.config import ConfigError, build_config, parse_duration
+from selfsup.train import Trainer, TrainingInterrupted, planned_steps, read_metrics, resume_config
+
+
+def test_durations():
+    assert [parse_duration(t) for t in ("90s", "20m", "2h", "1h30m", "45", "1.5m", "2m 30s")] == \
+        [90, 1200, 7200, 5400, 45, 90, 150]
+    for bad in ("abc", "0s", "5x", "m", "-3", "10m extra"):
+        with pytest.raises(ConfigError):
+            parse_duration(bad)
+    with pytest.raises(ConfigError, match="time budget"):
+        build_config("rotation", {"train": {"time_budget": "soon"}})
+
+
+def test_planned_steps_by_hand():
+    # 0.1 s a step, 1 s at every epoch end (10 steps), 0.5 s per checkpoint (every 25 steps), 10 s:
+    # 49 steps cost 4.9 + 4 + 0.5 = 9.4 s; 50 steps cost 5 + 5 + 1 = 11 s
+    assert planned_steps(10.0, 0.1, 10, 0, 1.0, 0.5, 25) == 49
+    # from step 20 on, 5 s: to step 45 -> 2.5 + 2 (epoch ends 30, 40) + 0.5 (checkpoint 25) = 5.0; 46 -> 5.1
+    assert planned_steps(5.0, 0.1, 10, 20, 1.0, 0.5, 25) == 45
+    assert planned_steps(-3.0, 0.1, 10, 0, 1.0, 0.5, 25) == 1  # no time left: one step, never zero
+
+
+def _cfg(data, method="rotation", **train):
+    over = {"model": {"backbone": "convnet"}, "data": {"path": str(data), "image_size": 16},
+            "train": {"batch_size": 16, "ckpt_every": 1000, "device": "cpu", "log_every": 4, **train},
+            "optim": {"warmup_epochs": 0}}
+    if method == "byol":
+        over["params"] = {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32}
+    if method == "deepcluster":
+        over["params"] = {"num_clusters": 4, "pca_dim": 8, "kmeans_iters": 3}
+    return build_config(method, over)
+
+
+@pytest.mark.parametrize("method", ["rotation", "byol", "deepcluster"])
+def test_a_budget_run_plans_its_length_and_the_rehearsal_leaves_no_trace(method, tiny_dataset, tmp_path,
+                                                                          monkeypatch, caplog):
+    """A run with a time budget measures its steps on a rehearsal that it then rolls back, fixes
+    ``total_steps`` and records it in config.yaml. Interrupted after the plan and resumed, it ends
+    bit-identical to a run given that length from the start (no budget, no rehearsal)."""
+    monkeypatch.setattr(train_mod, "PLAN_MIN_SECONDS", 0.2)
+    cfg = _cfg(tiny_dataset / "train", method, time_budget="3s")
+    budget = Trainer(cfg, tmp_path / "budget", progress=False)
+    assert not budget.planned
+    fit_step = budget.train_step
+
+    def stop_after_plan(images, s):  # a SIGTERM in the 3rd step of the real run (not of the rehearsal)
+        out = fit_step(images, s)
+        if budget.planned and s == 2:
+            budget._stop_signal = 15
+        return out
+
+    budget.train_step = stop_after_plan
+    with caplog.at_level(logging.INFO, logger="selfsup"), pytest.raises(TrainingInterrupted):
+        budget.fit()
+    assert "time budget 3s:" in caplog.text and "steps); expected end" in caplog.text
+    total = budget.total_steps
+    saved = yaml.safe_load((tmp_path / "budget" / "config.yaml").read_text())
+    assert saved["train"]["total_steps"] == total and saved["train"]["time_budget"] == "3s"
+    assert total > 3  # room for more than the steps before the interruption
+
+    resumed = Trainer(resume_config(tmp_path / "budget"), tmp_path / "budget", resume=True, progress=False)
+    assert resumed.planned and resumed.total_steps == total and resumed.step == 3
+    resumed.fit()
+    assert int(read_metrics(tmp_path / "budget")[-1]["step"]) == total  # may end mid-epoch
+
+    fixed = Trainer(_cfg(tiny_dataset / "train", method, total_steps=total), tmp_path / "fixed", progress=False)
+    fixed.fit()
+    _assert_same(fixed.state()["model"], resumed.state()["model"])
+
+
+def _assert_same(a, b, where=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            if k != "history":  # DeepCluster's log of its clusterings (wall-clock seconds)
+                _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_the_budget_is_kept_and_progress_lines_are_written_without_a_terminal(tiny_dataset, tmp_path, caplog):
+    """The real probe (not shortened); a 6 s budget ends within it (with slack for this machine's noise:
+    the accuracy of the plan is measured in benchmarks/results_table.py, not here)."""
+    import time
+
+    cfg = _cfg(tiny_dataset / "train", time_budget="6s", log_seconds=0.0)
+    t0 = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="selfsup"):
+        Trainer(cfg, tmp_path / "run", progress=True).fit()  # pytest's stderr is not a terminal: lines
+    assert time.perf_counter() - t0 < 6 * 1.5
+    total = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["total_steps"]
+    assert f"step {total}/{total}" in caplog.text and "img/s" in caplog.text and "ETA" in caplog.text
+
+
+def test_params_overrides_merge_into_the_preset(tiny_dataset, tmp_path):
+    # barlow_twins' preset has scale_loss 0.1 (its dataclass default is 1.0) and proj_hidden_dim 2048
+    cfg = build_config("barlow_twins", {"params": {"lambd": 0.005}})
+    assert cfg.params["lambd"] == 0.005 and cfg.params["scale_loss"] == 0.1 and cfg.params["view2_solarize_p"] == 0.2
+    from selfsup.methods.barlow_twins import BarlowTwins
+
+    assert BarlowTwins.Params().scale_loss == 1.0  # so the preset's value above did not come from the defaults
+    # on --resume: the saved params stay, the override changes one key
+    run = tmp_path / "run"
+    assert main(["pretrain", "--method", "barlow_twins", "--data", str(tiny_dataset / "train"), "--out", str(run),
+                 "--backbone", "convnet", "--image-size", "16", "--batch-size", "16", "--epochs", "1",
+                 "--no-progress", "params.proj_hidden_dim=32", "params.proj_dim=16"]) == 0
+    again = resume_config(run, {"params": {"lambd": 0.01}, "train": {"epochs": 2}})
+    assert again.params["lambd"] == 0.01 and again.params["proj_hidden_dim"] == 32 and again.params["scale_loss"] == 0.1
