@@ -92,3 +92,23 @@ def assert_resume_is_exact(cfg, tmp_path: Path, stop_step: int = 4):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     return straight
+
+
+def assert_backbone_moved(run_dir: Path, min_change: float = 1e-3) -> float:
+    """The run's saved backbone is not its initial one: rebuild the method from the run's config with
+    the run's seed (the trainer's initialisation) and compare the weights. A method whose gradient never
+    reaches the backbone, or an evaluation reading a fresh network, fails this. Returns the largest
+    relative change of a weight tensor."""
+    from selfsup.config import config_from_dict
+    from selfsup.methods import get_method
+    from selfsup.train import load_checkpoint
+
+    ckpt = load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt")
+    cfg = config_from_dict(ckpt["config"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        init = get_method(cfg.method)(cfg).backbone.state_dict()
+    changes = [float((ckpt["model"][f"backbone.{k}"].float() - v.float()).norm() / (v.float().norm() + 1e-12))
+               for k, v in init.items() if v.is_floating_point() and "running" not in k]
+    assert max(changes) > min_change, f"the backbone of {run_dir} did not move from its initialisation"
+    return max(changes)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import assert_backbone_moved
 from selfsup.cli import main
 
 
@@ -31,10 +32,11 @@ def test_pretrain_then_evaluate(tiny_dataset, tmp_path, capsys):
                  str(tiny_dataset), "--no-progress"]) == 0
     assert "knn top-1:" in capsys.readouterr().out
     r = json.loads((run / "eval" / "knn.json").read_text())
-    assert 0 <= r["top1"] <= 1 and r["backbone"]["image_size"] == 16
+    assert r["top1"] > 0.25 and r["backbone"]["image_size"] == 16  # 4 classes
+    assert_backbone_moved(run)
     assert main(["evaluate", "random:convnet", "--image-size", "16", "--protocol", "linear", "--train",
                  str(tiny_dataset), "--test", str(tiny_dataset), "--out", str(tmp_path / "rnd"), "--no-progress"]) == 0
-    assert 0 <= json.loads((tmp_path / "rnd" / "linear.json").read_text())["top1"] <= 1
+    assert json.loads((tmp_path / "rnd" / "linear.json").read_text())["top1"] > 0.25
 
 
 @pytest.mark.parametrize("argv, message", [

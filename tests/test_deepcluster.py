@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.decomposition import PCA
 from sklearn.metrics import normalized_mutual_info_score
 
-from conftest import make_folder, stop_at
+from conftest import make_folder, stop_at, assert_backbone_moved
 from selfsup.cluster import kmeans, pca_whiten
 from selfsup.config import ConfigError, build_config
 from selfsup.evaluate import evaluate
@@ -214,7 +214,8 @@ def test_tiny_run_learns_the_pseudo_labels_draws_clusters_and_evaluates(tiny_dat
 
     r = evaluate(str(tmp_path / "run"), "knn", str(tiny_dataset), str(tiny_dataset),
                  out=tmp_path / "eval", progress=False)
-    assert 0.0 <= r["top1"] <= 1.0 and r["n_train"] == 64 and r["n_test"] == 32
+    assert r["top1"] > 0.25 and r["n_train"] == 64 and r["n_test"] == 32  # 4 classes
+    assert_backbone_moved(tmp_path / "run")
 
 
 def _comparable(history):

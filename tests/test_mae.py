@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import assert_backbone_moved
 from selfsup.config import ConfigError, build_config
 from selfsup.data.views import eval_view
 from selfsup.evaluate import evaluate
@@ -223,7 +224,8 @@ def test_tiny_run_learns_to_reconstruct_draws_figures_and_evaluates(tiny_dataset
 
     r = evaluate(str(tmp_path / "run"), "knn", str(tiny_dataset), str(tiny_dataset), out=tmp_path / "eval",
                  image_size=16, progress=False, device="cpu")
-    assert 0.0 <= r["top1"] <= 1.0 and r["n_train"] == 64
+    assert r["top1"] > 0.25 and r["n_train"] == 64  # 4 classes
+    assert_backbone_moved(tmp_path / "run")
     # kNN reads the trained encoder's class token (ViT.forward), not a fresh network
     enc = load_encoder(str(tmp_path / "run"))
     images = np.array(trainer.data.images[:8])

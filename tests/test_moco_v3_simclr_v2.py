@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import assert_resume_is_exact, make_folder
+from conftest import assert_resume_is_exact, make_folder, assert_backbone_moved
 
 from selfsup.config import ConfigError, build_config
 from selfsup.data.views import eval_view
@@ -285,7 +285,8 @@ def test_simclr_v2_encoder_with_projector_loads_backbone_and_first_head_layer(ru
     # the evaluation protocols run on it (here kNN on the 64-d layer-1 features)
     r = evaluate(str(run_dir), "knn", str(data), str(data), out=run_dir / "eval_l1", progress=False, k=10,
                  encoder=projected_encoder(run_dir))
-    assert 0.0 <= r["top1"] <= 1.0 and r["backbone"]["name"] == "convnet"
+    assert r["top1"] > 0.25 and r["backbone"]["name"] == "convnet"
+    assert_backbone_moved(run_dir)
 
 
 def test_moco_v3_resume_is_exact(data, tmp_path):
@@ -366,7 +367,8 @@ def test_distill_from_a_tiny_teacher_run(runs, data, tmp_path, monkeypatch):
     assert {k.split(".")[0] for k in ckpt["model"]} == {"backbone", "head", "queue", "queue_ptr", "queue_filled"}
     assert ckpt["config"]["params"]["teacher"] == str(teacher_dir.resolve())
     r = evaluate(str(tmp_path / "student"), "knn", str(data), str(data), progress=False, k=10)
-    assert 0.0 <= r["top1"] <= 1.0 and r["n_test"] == 32
+    assert r["top1"] > 0.25 and r["n_test"] == 32
+    assert_backbone_moved(tmp_path / "student")
 
 
 def test_distill_resume_reloads_the_teacher_and_is_exact(runs, data, tmp_path):

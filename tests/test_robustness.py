@@ -42,7 +42,13 @@ def test_corruptions_by_hand():
     assert torch.allclose(y, (x - mean) * 0.15 + mean)
     y = corrupt(x, "brightness", 1, torch.Generator())  # HSV value + 0.05, grey pixels stay grey
     assert torch.allclose(y[0, :, 1, 1], torch.full((3,), 0.55)) and torch.allclose(y[0, :, 0, 0], torch.full((3,), 0.95))
-    y = corrupt(torch.rand(2, 3, 32, 32), "impulse_noise", 5, torch.Generator().manual_seed(0))
+    x = torch.rand(2, 3, 32, 32) * 0.98 + 0.01  # never exactly 0 or 1
+    y = corrupt(x, "impulse_noise", 5, torch.Generator().manual_seed(0))  # salt and pepper, fraction 0.07
+    changed = y != x
+    assert 0.06 < changed.float().mean() < 0.08  # 6,144 values: 430 +- 20 expected
+    assert torch.all((y[changed] == 0) | (y[changed] == 1))  # a changed value is salt or pepper
+    assert 0.025 < (y == 0).float().mean() < 0.045 and 0.025 < (y == 1).float().mean() < 0.045  # half each
+    assert torch.equal(y[~changed], x[~changed])
     with pytest.raises(ValueError, match="unknown corruption"):
         corrupt(x, "snow", 1, torch.Generator())
 

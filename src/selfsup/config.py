@@ -71,6 +71,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 (autocast) | fp32
     channels_last: bool = True
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep_every: int = 0  # also keep every N-th step's checkpoint as checkpoints/step_<N>.pt (0: only last + previous)
     log_every: int = 20  # steps between rows of metrics.csv
     log_seconds: float = 30.0  # seconds between plain progress lines when no progress bar is shown
     sync_bn: bool = False  # distributed runs: SyncBatchNorm (batch statistics over all processes; CUDA)
@@ -262,6 +263,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if cfg.train.time_budget is not None:
         parse_duration(cfg.train.time_budget)  # raises ConfigError when malformed
+    if cfg.train.keep_every < 0:
+        raise ConfigError(f"train.keep_every must be >= 0 (0: off), got {cfg.train.keep_every}")
     if cfg.train.total_steps is not None and cfg.train.total_steps < 1:
         raise ConfigError(f"train.total_steps must be >= 1, got {cfg.train.total_steps}")
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torchvision
 
 from .backbones import build_backbone
+from .checkpoint import CheckpointError, safe_torch_load
 from .config import ConfigError
 
 FORMATS = ("safetensors", "torchvision")
@@ -97,6 +98,18 @@ def load_backbone(path: str | Path, with_meta: bool = False):
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"no exported backbone at {path}")
+    try:
+        model, meta = _load_exported(path)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line, not a traceback
+        raise CheckpointError(f"{path}: not a usable exported backbone ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from None
+    model.eval()
+    return (model, meta) if with_meta else model
+
+
+def _load_exported(path: Path):
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -114,6 +127,5 @@ def load_backbone(path: str | Path, with_meta: bool = False):
             raise ConfigError(f"{meta_path} (the architecture of {path.name}) is missing")
         meta = json.loads(meta_path.read_text())
         model = _torchvision_resnet(meta["spec"])
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    model.eval()
-    return (model, meta) if with_meta else model
+        model.load_state_dict(safe_torch_load(path))
+    return model, meta

@@ -54,3 +54,11 @@ def embed(backbone: nn.Module, images: np.ndarray, view: AugConfig, device: torc
             out.append((f if head is None else head(f)).cpu())
     backbone.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, getattr(backbone, "out_dim", 0))
+
+
+def step_generator(device: torch.device, seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The augmentation RNG of one step: a pure function of (seed, step) (and of the process rank in
+    distributed training, so that processes draw different views of their different images)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step + rank * 0x9E3779B97F4A7C1) % (2**63))
+    return g

@@ -15,7 +15,12 @@ Reproducibility and exact resume: every random choice is a function of ``(seed, 
 augmentation generator) or ``(seed, epoch)`` (the data order), so a run resumed from a checkpoint
 replays the same batches with the same views and ends with the same weights as an uninterrupted
 run. The checkpoint holds model, optimizer, step, elapsed time and the global RNG states; it is
-written atomically (temporary file + ``os.replace``) and loaded with ``weights_only=True``.
+written atomically (temporary file + ``os.replace``), keeps the one it replaces, and is loaded with
+``weights_only=True`` and checked (``checkpoint.py``: a damaged, foreign or hostile file is one clear
+sentence).
+
+With a time budget (``train.time_budget``) the run's length is not given but planned: see
+:meth:`Trainer.plan`.
 
 Run directory::
 
@@ -23,6 +28,8 @@ Run directory::
     RUN_DIR/metrics.csv            one row every log_every steps (step, epoch, loss, lr, img_per_s, ...);
                                    the last row of each epoch adds label-free health (monitor.py)
     RUN_DIR/checkpoints/last.pt    the latest checkpoint
+    RUN_DIR/checkpoints/previous.pt   the one before it (--resume falls back to it when last.pt is damaged)
+    RUN_DIR/checkpoints/step_N.pt  every train.keep_every-th step's, when asked
     RUN_DIR/figures/               the method's pictures of its own task, drawn at the end of training
     RUN_DIR/skipped.txt            inputs that could not be decoded (if any)
 
@@ -51,20 +58,21 @@ import numpy as np
 import torch
 
 from . import distributed
+from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_run_checkpoint, save_keeping_previous
 from .config import Config, ConfigError, finalize, load_config, parse_duration, save_config, update_dataclass
 from .data import CachedImages, load_images
 from .methods import Method, get_method
 from .monitor import collapse_warning, embedding_health
 from .optim import build_optimizer, lr_factor, warmup_steps_for
-from .runtime import autocast, embed, resolve_device
+from .runtime import autocast, embed, resolve_device, step_generator
 
 log = logging.getLogger("selfsup")
 
 CHECKPOINT_VERSION = 2  # 2: "optimizers" holds one state dict per phase
 HEALTH_SAMPLES = 512
-PLAN_WARMUP_STEPS = 3  # steps of a time budget's probe not timed (first-call allocations, kernel choice)
+PLAN_WARMUP_STEPS = 5  # steps of a time budget's probe not timed (first-call allocations, kernel choice)
 PLAN_MIN_STEPS = 10  # timed steps at least
-PLAN_MIN_SECONDS = 2.0  # and at least this many seconds of timed steps (or 3% of the budget)
+PLAN_MIN_SECONDS = 4.0  # and at least this many seconds of timed steps (or 3% of the budget)
 PLAN_MARGIN = 0.02  # fraction of the budget kept free for what the plan cannot measure
 
 
@@ -113,28 +121,15 @@ class TrainingInterrupted(Exception):
 # devices, precision, checkpoints
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, flush to disk, then rename over ``path``:
-    a crash at any point leaves either the old or the new file, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def step_generator(device: torch.device, seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """The augmentation RNG of one step: a pure function of (seed, step) (and of the process rank in
-    distributed training, so that processes draw different views of their different images)."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step + rank * 0x9E3779B97F4A7C1) % (2**63))
-    return g
+def restore_cuda_rng(states: list) -> None:
+    """Restore the saved CUDA generators onto the GPUs this machine has: as many as both machines
+    have (a run saved on 8 GPUs resumes on 1, a CUDA run resumes on a CPU-only machine, where there
+    is nothing to restore). A multi-GPU run draws from one generator per process's own device."""
+    if not states or not torch.cuda.is_available():
+        return
+    n = min(len(states), torch.cuda.device_count())
+    for i in range(n):
+        torch.cuda.set_rng_state(states[i].cpu(), device=i)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,22 +329,44 @@ class Trainer:
         }
 
     def save(self, path: Path | None = None) -> None:
-        if self.is_main:
-            atomic_torch_save(self.state(), path or self.ckpt_path)
+        """The checkpoint, atomically; ``last.pt`` keeps the one it replaces as ``previous.pt``, and
+        every ``train.keep_every``-th step is also kept as ``step_<N>.pt``."""
+        if not self.is_main:
+            return
+        if path is not None:
+            atomic_torch_save(self.state(), path)
+            return
+        try:
+            save_keeping_previous(self.state(), self.ckpt_path)
+        except OSError as e:  # a full disk: the previous checkpoints are intact, say so and stop
+            kept = [p.name for p in (self.ckpt_path, self.ckpt_path.with_name("previous.pt")) if p.exists()]
+            raise CheckpointError(f"could not write the checkpoint of step {self.step} to {self.ckpt_path} "
+                                  f"({type(e).__name__}: {e}); the run stopped, {' and '.join(kept) or 'nothing'} "
+                                  f"kept; free some space and --resume") from None
+        keep = self.cfg.train.keep_every
+        if keep and self.step % keep == 0:
+            kept = self.ckpt_path.with_name(f"step_{self.step}.pt")
+            try:
+                os.link(self.ckpt_path, kept)  # no copy: the same file under a second name
+            except OSError:
+                atomic_torch_save(self.state(), kept)
 
     def _restore(self) -> None:
-        if not self.ckpt_path.exists():
+        ckpt_dir = self.ckpt_path.parent
+        if not (self.ckpt_path.exists() or (ckpt_dir / "previous.pt").exists()):
             raise ConfigError(f"--resume: no checkpoint at {self.ckpt_path}")
-        ckpt = load_checkpoint(self.ckpt_path, map_location=self.device)
-        self.method.load_state_dict(ckpt["model"])
-        states = ckpt["optimizers"] if "optimizers" in ckpt else {"main": ckpt["optimizer"]}  # version 1
-        for p, opt in self.optimizers.items():
-            opt.load_state_dict(states[p])
+        ckpt, path = load_run_checkpoint(ckpt_dir, self.device, self.cfg.method, self.cfg.model.backbone, log)
+        try:
+            self.method.load_state_dict(ckpt["model"])
+            states = ckpt["optimizers"] if "optimizers" in ckpt else {"main": ckpt["optimizer"]}  # version 1
+            for p, opt in self.optimizers.items():
+                opt.load_state_dict(states[p])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path}: does not fit this run's model ({str(e).splitlines()[0][:200]})") from None
         self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
-        log.info("resumed from %s at step %d/%d", self.ckpt_path, self.step, self.total_steps)
+        restore_cuda_rng(ckpt["rng"].get("cuda", []))
+        log.info("resumed from %s at step %d/%d", path, self.step, self.total_steps)
 
     # -- one step ------------------------------------------------------------------------------
     @property
@@ -444,6 +461,7 @@ class Trainer:
                         self.plan(epoch)
                         bar.reset(total=self.total_steps)
                         line_at, line_step = time.perf_counter(), self.step
+                        window_start = line_at  # the rehearsal is not the first row's throughput
                     for images in self.stream.batches(epoch, start):
                         t0 = time.perf_counter()
                         out = self.run_step(images, epoch)
@@ -461,7 +479,7 @@ class Trainer:
                                    "lr": f"{self.lr:.6g}",
                                    "img_per_s": round(window_steps * cfg.train.batch_size / dt, 1),
                                    "elapsed_s": round(self.elapsed, 2), "feat_std": "", "rankme": ""}
-                            if end_of_epoch:
+                            if end_of_epoch or self.step == self.total_steps:  # a run shorter than an epoch too
                                 h = self.health()
                                 row.update(feat_std=f"{h['feat_std']:.4g}", rankme=f"{h['rankme']:.4g}")
                                 warning = collapse_warning(h, self.method.backbone.out_dim)
@@ -473,7 +491,7 @@ class Trainer:
                             window, window_steps, window_start = {}, 0, time.perf_counter()
                         bar.update(1)
                         now = time.perf_counter()
-                        if self.is_main and not bar_shown and self.progress and (
+                        if self.is_main and not bar_shown and (
                                 now - line_at >= cfg.train.log_seconds or self.step == self.total_steps):
                             self.progress_line(float(out["loss"]), (self.step - line_step) / max(now - line_at, 1e-9))
                             line_at, line_step = now, self.step
@@ -535,7 +553,7 @@ class Trainer:
                     self.step, self.elapsed)
         epoch_work = time.perf_counter() - self._epoch_started if hasattr(self, "_epoch_started") else 0.0
         times: list[float] = []
-        probe_limit = max(1.5 * PLAN_MIN_SECONDS, 0.03 * budget)  # seconds of rehearsal at most
+        probe_limit = min(max(1.5 * PLAN_MIN_SECONDS, 0.03 * budget), 0.1 * budget)  # seconds of rehearsal at most
         t_probe = t_prev = time.perf_counter()
         e = epoch
         while not times or not self._probe_done(times, t_prev - t_probe, probe_limit):

@@ -28,6 +28,7 @@ import json
 import logging
 import numbers
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -105,6 +106,9 @@ def _read_entry(base: str, image_size: int) -> CachedImages | None:
                         files=list(meta["files"]), skipped=[(p, r) for p, r in meta["skipped"]], source=meta["source"])
 
 
+CACHE_SPARE_BYTES = 64 * 2**20  # free space left over after a decode cache is written
+
+
 def _build_entry(source: Source, image_size: int, base: str, progress: bool) -> None:
     """Decode ``source`` into the cache entry at ``base``, atomically."""
     total = len(source)
@@ -112,6 +116,12 @@ def _build_entry(source: Source, image_size: int, base: str, progress: bool) -> 
         raise DataError(f"{source.describe()} holds no images")
     tmp = f"{os.path.dirname(base)}{os.sep}.{os.path.basename(base)}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     tmp_u8, tmp_json = tmp + ".u8.tmp", tmp + ".json.tmp"
+    need = total * image_size * image_size * 3
+    free = shutil.disk_usage(os.path.dirname(base)).free
+    if need + CACHE_SPARE_BYTES > free:  # the memmap is sparse: a full disk would kill the process mid-write
+        raise DataError(f"the decode cache of {source.describe()} needs {need / 1e6:,.0f} MB ({total} images at "
+                        f"{image_size} px) in {os.path.dirname(base)}, which has {free / 1e6:,.0f} MB free; set "
+                        f"SELFSUP_CACHE (or data.cache_dir) to a disk with room")
     try:
         images = np.memmap(tmp_u8, dtype=np.uint8, mode="w+", shape=(total, image_size, image_size, 3))
         labels, files, skipped = [], [], []
@@ -138,6 +148,9 @@ def _build_entry(source: Source, image_size: int, base: str, progress: bool) -> 
             json.dump(meta, f)
         os.replace(tmp_u8, base + ".u8")
         os.replace(tmp_json, base + ".json")  # commit marker: written last
+    except OSError as e:  # e.g. the disk filled up meanwhile: earlier cache entries are untouched
+        raise DataError(f"could not write the decode cache {base}.u8 ({type(e).__name__}: {e}); earlier cache "
+                        f"entries are untouched; free some space or set SELFSUP_CACHE to another disk") from None
     finally:
         for path in (tmp_u8, tmp_json):
             if os.path.exists(path):

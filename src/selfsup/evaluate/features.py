@@ -16,7 +16,7 @@ from ..config import ConfigError
 from ..data.cache import default_cache_dir
 from ..data.views import AugConfig
 from ..runtime import embed, resolve_device
-from ..train import atomic_torch_save, load_checkpoint
+from ..checkpoint import CheckpointError, atomic_torch_save, check_matches, load_checkpoint
 
 log = logging.getLogger("selfsup")
 
@@ -38,8 +38,37 @@ def checkpoint_path(run: str | Path) -> Path:
         return p
     ckpt = p / "checkpoints" / "last.pt"
     if not ckpt.exists():
+        if (p / "checkpoints" / "previous.pt").exists():
+            raise ConfigError(f"{ckpt} is missing (a crash while it was replaced?); the checkpoint before it is "
+                              f"{p / 'checkpoints' / 'previous.pt'}: pass that file, or --resume the run")
         raise ConfigError(f"no checkpoint found: {ckpt} does not exist (is '{run}' a selfsup run directory? "
                           f"use random:BACKBONE for the random-init baseline)")
+    return ckpt
+
+
+def read_run_checkpoint(run: str | Path) -> dict:
+    """The checkpoint of a run directory or file, checked (:func:`selfsup.checkpoint.load_checkpoint`);
+    a damaged ``last.pt`` names ``previous.pt`` when there is one."""
+    path = checkpoint_path(run)
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        previous = path.with_name("previous.pt")
+        if path.name == "last.pt" and previous.exists():
+            raise CheckpointError(f"{e}; the checkpoint before it is {previous}: pass that file, or --resume "
+                                  f"the run (which falls back to it)") from None
+        raise
+    config = path.parent.parent / "config.yaml"
+    if path.parent.name == "checkpoints" and config.exists():  # a run directory: its config names its run
+        import yaml
+
+        try:
+            saved = yaml.safe_load(config.read_text()) or {}
+            method, backbone = saved.get("method"), (saved.get("model") or {}).get("backbone")
+        except (yaml.YAMLError, AttributeError, OSError):
+            method = backbone = None
+        if method and backbone:
+            check_matches(ckpt, path, method, backbone)
     return ckpt
 
 
@@ -56,11 +85,15 @@ def load_encoder(run: str, image_size: int | None = None, seed: int = 0) -> Enco
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return Encoder(backbone.eval(), backbone_spec(name, size, None), defaults.mean, defaults.std, run)
-    ckpt = load_checkpoint(checkpoint_path(run))
+    ckpt = read_run_checkpoint(run)
     spec = ckpt["backbone_spec"]
-    backbone = build_backbone(spec["name"], spec["image_size"], spec["small_stem"], spec["in_chans"])
-    state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
-    backbone.load_state_dict(state)
+    try:
+        backbone = build_backbone(spec["name"], spec["image_size"], spec["small_stem"], spec["in_chans"])
+        state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+        backbone.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{checkpoint_path(run)}: its backbone weights do not fit its backbone spec "
+                              f"({str(e).splitlines()[0][:200]})") from None
     aug = ckpt["config"].get("aug", {})
     return Encoder(backbone.eval(), spec, tuple(aug.get("mean", defaults.mean)), tuple(aug.get("std", defaults.std)),
                    str(run), ckpt["config"]["train"].get("precision", "bf16"), spec.get("input", "rgb"))

@@ -9,7 +9,7 @@ fraction 1.0 is the supervised-from-scratch baseline.
 Recipe (one for every backbone, so methods are compared on equal terms):
 
 * views: random resized crop (scale 0.5-1) + horizontal flip, through ``data.views.augment`` with a
-  generator seeded per step (``train.step_generator``), in the input the backbone was trained on
+  generator seeded per step (``runtime.step_generator``), in the input the backbone was trained on
   (``Encoder.input_mode``: RGB, or the L channel for colorization; ``data.views.augment_input``);
   testing uses the deterministic ``eval_input`` view;
 * SGD, momentum 0.9, Nesterov, weight decay 5e-4, cosine decay to 0, batch 64 (FixMatch's settings);
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..data.views import AugConfig, augment_input
 from ..runtime import autocast, embed, resolve_device
-from ..train import step_generator
+from ..runtime import step_generator
 from .features import Encoder
 
 log = logging.getLogger("selfsup")

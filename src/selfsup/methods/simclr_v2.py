@@ -116,7 +116,7 @@ def encoder_with_projector(run: str | Path, layer: int | None = None) -> Backbon
     :func:`projected_encoder`)."""
     from ..config import ConfigError, config_from_dict
     from ..evaluate.features import checkpoint_path, load_encoder
-    from ..train import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint_path(str(run)))
     if ckpt.get("method") != SimCLRv2.name:
