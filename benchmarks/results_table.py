@@ -1,13 +1,16 @@
 """The docs' results table: pretrain several methods at the same budget, evaluate each with kNN and
-the linear probe, and print one markdown table (also written to OUT/results.md and OUT/results.json).
+the linear probe, and print one markdown table (also written to OUT/results.md and OUT/results.json,
+and to ``--results PREFIX.{json,md}`` when given, e.g. under benchmarks/results/ to commit).
 
-    python benchmarks/results_table.py --data ../shared/data/cifar10 --out runs/table \\
-        --backbone convnet --epochs 1 --batch-size 128
+    python benchmarks/results_table.py --data ../shared/data/cifar10 --out runs/budget \\
+        --backbone convnet --time 5m --batch-size 128 --results benchmarks/results/budget_5m
 
-Every method is trained with the same backbone, image size, batch size and number of epochs (each
-method's own preset otherwise: optimizer, lr, augmentation, method parameters), one after another in
-a fresh process (``selfsup pretrain``), then evaluated on the labeled train/test splits with
-``selfsup evaluate --protocol knn`` and ``--protocol linear``. ``random:BACKBONE`` (no training) is the
+Every method is trained with the same backbone, image size, batch size and budget, ``--time`` (each
+run measures its own throughput and sizes itself to end within it: ``selfsup pretrain --time``) or
+``--epochs`` (each method's own preset otherwise: optimizer, lr, augmentation, method parameters),
+one after another in a fresh process (``selfsup pretrain``), then evaluated on the labeled
+train/test splits with ``selfsup evaluate --protocol knn`` and ``--protocol linear`` (both re-estimate
+the BatchNorm statistics on the training images first: precise BN, no labels). ``random:BACKBONE`` (no training) is the
 baseline row (one per backbone used). A method whose run and evaluations already exist in OUT is not
 redone, so an interrupted table continues where it stopped (an interrupted pretraining is resumed).
 
@@ -37,13 +40,31 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def run_facts(run_dir: Path) -> dict:
+    """Steps, epochs, the in-step time and the last label-free health of a finished run."""
+    import yaml
+
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    last = rows[-1]
+    health = [r for r in rows if r.get("rankme")]
+    return {"steps": int(last["step"]), "epochs": float(last["epoch"]), "step_time_s": float(last["elapsed_s"]),
+            "total_steps": cfg["train"].get("total_steps"), "time_budget": cfg["train"].get("time_budget"),
+            "rankme": float(health[-1]["rankme"]) if health else None,
+            "final_loss": float(last["loss"])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="labeled folder with train/ and test/ (pretraining uses train/)")
     ap.add_argument("--out", default="runs/table")
     ap.add_argument("--methods", nargs="+", default=CLASSIC)
     ap.add_argument("--backbone", default="convnet")
-    ap.add_argument("--epochs", type=int, default=1)
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, help="epochs per method (default 1 unless --time)")
+    budget.add_argument("--time", help="time budget per method (whole pretraining run), e.g. 5m")
+    ap.add_argument("--results", metavar="PREFIX", help="also write PREFIX.json and PREFIX.md (e.g. "
+                    "benchmarks/results/budget_5m, to commit)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--k", type=int, default=200, help="kNN neighbours")
@@ -51,6 +72,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="METHOD:key=value",
                     help="a config override for one method (repeatable)")
     args = ap.parse_args()
+    if args.time is None and args.epochs is None:
+        args.epochs = 1
+    length = ["--time", args.time] if args.time else ["--epochs", str(args.epochs)]
     per_method: dict[str, list[str]] = {}
     for item in args.set:
         method, sep, kv = item.partition(":")
@@ -86,11 +110,12 @@ def main() -> None:
         entry = results.get(name, {})
         if not is_random and "pretrain_s" not in entry:
             cmd = exe + ["pretrain", "--method", name, "--data", str(Path(args.data) / "train"), "--out", str(run_dir),
-                         "--backbone", backbone_of[name], "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                         "--backbone", backbone_of[name], *length, "--batch-size", str(args.batch_size),
                          "--image-size", str(args.image_size), "--no-progress", *per_method.get(name, [])]
             if (run_dir / "checkpoints" / "last.pt").exists():
                 cmd.append("--resume")
             entry["pretrain_s"] = round(run(cmd), 1)
+            entry.update(run_facts(run_dir))
         for protocol in ("knn", "linear"):
             done = run_dir / "eval" / f"{protocol}.json"
             if protocol in entry:
@@ -108,26 +133,37 @@ def main() -> None:
         results[name] = entry
         results_path.write_text(json.dumps(results, indent=1))
 
-    lines = [f"| method | kNN top-1 (k={args.k}) | linear top-1 | training steps time | source img/s |",
-             "|---|---|---|---|---|"]
+    lines = [f"| method | kNN top-1 (k={args.k}) | linear top-1 | steps (epochs) | run wall time | RankMe |",
+             "|---|---|---|---|---|---|"]
     for name in rows:
         e = results[name]
-        t, speed = "-", "-"
-        metrics = run_dir_of(name) / "metrics.csv"
-        if not name.startswith("random:") and metrics.exists():
-            last = list(csv.DictReader(open(metrics)))[-1]
-            secs = float(last["elapsed_s"])  # time inside training steps (no data decoding, health, figures)
-            t = f"{secs / 60:.1f} min"
-            speed = f"{int(round(float(last['step']) * args.batch_size / secs))}"
+        steps, wall, rank = "-", "-", "-"
+        if not name.startswith("random:"):
+            if "steps" not in e and (run_dir_of(name) / "metrics.csv").exists():
+                e.update(run_facts(run_dir_of(name)))
+            steps = f"{e['steps']} ({e['epochs']:.2f})" if "steps" in e else "-"
+            wall = f"{e['pretrain_s'] / 60:.2f} min" if "pretrain_s" in e else "-"
+            rank = f"{e['rankme']:.0f}" if e.get("rankme") is not None else "-"
         mark, base = "", results.get(f"random:{backbone_of.get(name)}")
         label = name if backbone_of.get(name, args.backbone) == args.backbone else f"{name} ({backbone_of[name]})"
         if base and not name.startswith("random:") and (e["knn"] <= base["knn"] or e["linear"] <= base["linear"]):
             mark = " (not above random init)"
-        lines.append(f"| {label}{mark} | {e['knn']:.3f} | {e['linear']:.3f} | {t} | {speed} |")
-    header = (f"{args.backbone} (unless named), {args.image_size} px, batch {args.batch_size}, {args.epochs} epoch(s) over "
+        lines.append(f"| {label}{mark} | {e['knn']:.3f} | {e['linear']:.3f} | {steps} | {wall} | {rank} |")
+    what = f"a {args.time} budget per run" if args.time else f"{args.epochs} epoch(s)"
+    header = (f"{args.backbone} (unless named), {args.image_size} px, batch {args.batch_size}, {what} over "
               f"{Path(args.data) / 'train'}; kNN and linear probe on all training labels, test split.")
     table = header + "\n\n" + "\n".join(lines) + "\n"
+    results_path.write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(table)
+    if args.results:
+        prefix = Path(args.results)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"command": " ".join(sys.argv), "data": args.data, "backbone": args.backbone,
+                "image_size": args.image_size, "batch_size": args.batch_size, "time": args.time,
+                "epochs": args.epochs, "k": args.k}
+        prefix.with_suffix(".json").write_text(json.dumps({"settings": meta, "rows": {n: results[n] for n in rows}},
+                                                          indent=1))
+        prefix.with_suffix(".md").write_text(table)
     print(table)
 
 

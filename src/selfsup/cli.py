@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
     pt.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<method>-<time>)")
     pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    pt.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pt.add_argument("--no-progress", action="store_true", help="no progress bars (plain progress lines, every "
+                    "train.log_seconds, are written whenever no bar is shown)")
     pt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     ev = sub.add_parser("evaluate", help="evaluate a pretrained (or random) backbone on labeled data")

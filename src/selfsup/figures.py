@@ -72,3 +72,40 @@ def sample_images(data, n: int, seed: int = 0) -> np.ndarray:
 def sample_batch(data, n: int, device, seed: int = 0) -> torch.Tensor:
     """:func:`sample_images` as a uint8 ``(n, 3, H, W)`` batch on ``device``, for a method's pictures."""
     return torch.from_numpy(sample_images(data, n, seed)).permute(0, 3, 1, 2).to(device)
+
+
+def unnormalize(x: torch.Tensor, aug) -> torch.Tensor:
+    """A normalised view batch ``(N, 3, H, W)`` back to RGB in [0, 1] (``aug``: its AugConfig)."""
+    mean = torch.tensor(aug.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(aug.std, device=x.device).view(1, 3, 1, 1)
+    return (x.float() * std + mean).clamp(0, 1)
+
+
+@torch.no_grad()
+def view_matching(method, images: torch.Tensor, generator: torch.Generator):
+    """The two-view task of a joint-embedding method on a uint8 batch: its two training views (the
+    method's own ``prepare``: ``[x1; x2]``), and for view 1 of each image the index of the nearest
+    view 2 by cosine of the backbone's features. Returns ``(x1, x2, nearest, hits)``, ``hits[i]`` when
+    image ``i``'s nearest second view is its own."""
+    import torch.nn.functional as F
+
+    x1, x2 = method.prepare(images, generator).chunk(2)
+    f1 = F.normalize(method.backbone(x1).float(), dim=1)
+    f2 = F.normalize(method.backbone(x2).float(), dim=1)
+    nearest = (f1 @ f2.t()).argmax(1)
+    return x1, x2, nearest, (nearest == torch.arange(len(x1), device=nearest.device)).cpu()
+
+
+def views_figure(method, data, path: str | Path, device, n: int = 64, show: int = 8) -> Path:
+    """``n`` sample images through :func:`view_matching`; rows: view 1, view 2 and the nearest view 2
+    found, for ``show`` images; the title counts how many of the ``n`` find their own partner (the task
+    the loss trains; 1/n by chance)."""
+    x1, x2, nearest, hits = view_matching(method, sample_batch(data, n, device),
+                                          torch.Generator(device=device).manual_seed(0))
+    k = min(show, len(x1))
+    aug = method.cfg.aug
+    return image_grid([unnormalize(x1[:k], aug), unnormalize(x2[:k], aug), unnormalize(x2[nearest[:k]], aug)], path,
+                      row_titles=["view 1", "view 2", "nearest\nview 2"],
+                      col_titles=["found" if h else "missed" for h in hits[:k].tolist()],
+                      title=f"{method.name}: the nearest of {len(x1)} second views to each first view (backbone "
+                            f"features) is its own for {int(hits.sum())} of {len(x1)}")

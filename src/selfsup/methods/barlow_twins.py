@@ -31,10 +31,10 @@ from ..heads import MLP
 from ..monitor import normalized_std
 from ..losses import barlow_twins_loss, cross_correlation
 from ..distributed import gather
-from .base import Method
+from .base import Method, TwoViewFigures
 
 
-class BarlowTwins(Method):
+class BarlowTwins(TwoViewFigures, Method):
     name = "barlow_twins"
     family = "joint-embedding"
     summary = "Barlow Twins (Zbontar et al. 2021): cross-correlation of the two views' embeddings -> identity"

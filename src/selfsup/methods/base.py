@@ -116,6 +116,17 @@ class Method(nn.Module):
         return split_decay(self.parameters())
 
 
+class TwoViewFigures:
+    """``figures`` of the two-view methods (SimCLR, MoCo, BYOL, SimSiam, Barlow Twins, VICReg...):
+    ``views.png``, each image's two training views and the nearest second view to its first among 64
+    images (:func:`selfsup.figures.views_figure`)."""
+
+    def figures(self, data, out_dir, device):
+        from ..figures import views_figure
+
+        return [views_figure(self, data, Path(out_dir) / "views.png", device)]
+
+
 class MultiCropViews:
     """``prepare`` of the multi-crop methods (SwAV, DINO; Caron et al. 2020 Sec. 3.2): two global crops
     ``[x1; x2]`` and ``hp.n_local`` local crops (None without), from the method's ``n_local``,

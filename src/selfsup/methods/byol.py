@@ -38,10 +38,10 @@ from ..ema import cosine_momentum, ema_update, frozen_copy, run_momentum
 from ..heads import MLP
 from ..monitor import normalized_std
 from ..losses import byol_loss
-from .base import Method
+from .base import Method, TwoViewFigures
 
 
-class BYOL(Method):
+class BYOL(TwoViewFigures, Method):
     name = "byol"
     family = "joint-embedding"
     summary = "BYOL (Grill et al. 2020): online predictor regresses an EMA target's projection, no negatives"

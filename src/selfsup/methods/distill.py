@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from ..data.views import augment, eval_view, normalize
 from ..distributed import gather
+from ..figures import image_grid, sample_batch, unnormalize
 from ..losses import seed_logits, seed_loss
 from .base import Method
 from .moco_v2 import MoCoV2
@@ -77,7 +78,7 @@ def load_teacher(run: str, output: str = "auto") -> Teacher:
     a missing teacher or an unknown ``output``. The global RNG is left untouched."""
     from ..config import ConfigError, config_from_dict
     from ..evaluate.features import checkpoint_path, load_encoder
-    from ..train import load_checkpoint
+    from ..checkpoint import load_checkpoint
     from . import get_method
 
     if not run:
@@ -208,6 +209,29 @@ class Distill(Method):
         return {"loss": loss, "agree": agree}
 
     enqueue = MoCoV2.enqueue  # ring buffer: write at the pointer, wrap around
+
+    @torch.no_grad()
+    def figures(self, data, out_dir, device):
+        """``neighbours.png``, the task: among 256 sample images (evaluation view), the 5 nearest
+        neighbours of a few queries by the teacher's embedding and by the student's (backbone + head),
+        which the loss trains to agree; the title gives the top-1 neighbour agreement over all 256."""
+        x = self.fmt(eval_view(sample_batch(data, 256, device), self.cfg.aug))
+        z_t = self.embed_teacher(self.fmt(self.teacher_input(x)))
+        z_s = F.normalize(self.head(self.backbone(x)).float(), dim=1)
+        eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+        k = min(5, len(x) - 1)
+        nn_t = (z_t @ z_t.t()).masked_fill(eye, -2).topk(k, dim=1).indices
+        nn_s = (z_s @ z_s.t()).masked_fill(eye, -2).topk(k, dim=1).indices
+        agree = float((nn_t[:, 0] == nn_s[:, 0]).float().mean())
+        rows, titles = [], []
+        for q in range(0, min(48, len(x)), 8):  # 6 queries
+            for who, nn_q in (("teacher", nn_t[q]), ("student", nn_s[q])):
+                rows.append(unnormalize(torch.cat([x[q:q + 1], x[nn_q]]), self.cfg.aug))
+                titles.append(f"image {q}\n{who}")
+        return [image_grid(rows, Path(out_dir) / "neighbours.png", row_titles=titles,
+                           col_titles=["query"] + [f"neighbour {i}" for i in range(1, k + 1)],
+                           title=f"distill: nearest neighbours among 256 images by teacher and by student; "
+                                 f"top-1 neighbour agrees for {agree:.0%}")]
 
     def after_step(self, step, total_steps):
         if self._new_keys is not None:

@@ -38,10 +38,10 @@ from ..data.views import two_views
 from ..ema import cosine_momentum, ema_update, frozen_copy
 from ..losses import infonce
 from ..distributed import gather
-from .base import Method
+from .base import Method, TwoViewFigures
 
 
-class MoCoV2(Method):
+class MoCoV2(TwoViewFigures, Method):
     name = "moco_v2"
     family = "joint-embedding"
     summary = "MoCo v2 (Chen et al. 2020): momentum key encoder, queue of negatives, InfoNCE"

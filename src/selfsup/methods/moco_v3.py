@@ -57,10 +57,10 @@ from ..data.views import two_views
 from ..ema import cosine_momentum, ema_update, frozen_copy, run_momentum
 from ..heads import MLP
 from ..losses import moco_v3_loss
-from .base import Method
+from .base import Method, TwoViewFigures
 
 
-class MoCoV3(Method):
+class MoCoV3(TwoViewFigures, Method):
     name = "moco_v3"
     family = "joint-embedding"
     summary = "MoCo v3 (Chen, Xie & He 2021): momentum encoder, in-batch keys (no queue), predictor, InfoNCE"

@@ -12,11 +12,13 @@ The pseudo label ``k`` means ``torch.rot90(x, k, dims=(2, 3))`` (counter-clockwi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..data.views import augment
+from ..data.views import augment, eval_view
+from ..figures import image_grid, sample_batch, unnormalize
 from ..heads import MLP, LinearClassifier
 from .base import Method
 
@@ -55,3 +57,17 @@ class Rotation(Method):
         logits = self.head(self.backbone(x)).float()
         loss = F.cross_entropy(logits, y)
         return {"loss": loss, "pretext_acc": (logits.argmax(1) == y).float().mean()}
+
+    @torch.no_grad()
+    def figures(self, data, out_dir, device):
+        """``rotations.png``: 8 sample images (evaluation view) at each of the 4 rotations, one row per
+        rotation, each titled with the rotation the network predicts for it and how many it gets right."""
+        x = eval_view(sample_batch(data, 8, device), self.cfg.aug)
+        xr, y = rotate_all(x)
+        pred = self.head(self.backbone(self.fmt(xr))).float().argmax(1).view(4, -1).cpu()
+        rows = [unnormalize(r, self.cfg.aug) for r in xr.reshape(4, -1, *xr.shape[1:])]
+        titles = [f"rotated {90 * k}\N{DEGREE SIGN}\n{int((pred[k] == k).sum())}/{pred.shape[1]} right" for k in range(4)]
+        cols = [" ".join(f"{90 * int(p)}" for p in pred[:, j]) for j in range(pred.shape[1])]
+        return [image_grid(rows, Path(out_dir) / "rotations.png", row_titles=titles, col_titles=cols,
+                           title="Rotation: each image at 0/90/180/270 degrees; column titles: the predicted "
+                                 "rotations, top to bottom")]

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from ..data.views import two_views
 from ..heads import MLP
 from ..losses import nt_xent
-from .base import Method
+from .base import Method, TwoViewFigures
 
 
-class SimCLR(Method):
+class SimCLR(TwoViewFigures, Method):
     name = "simclr"
     family = "joint-embedding"
     summary = "SimCLR (Chen et al. 2020): two views, projection MLP, NT-Xent contrastive loss"

@@ -32,10 +32,10 @@ from ..data.views import two_views
 from ..heads import MLP
 from ..losses import simsiam_loss
 from ..monitor import normalized_std
-from .base import Method
+from .base import Method, TwoViewFigures
 
 
-class SimSiam(Method):
+class SimSiam(TwoViewFigures, Method):
     name = "simsiam"
     family = "joint-embedding"
     summary = "SimSiam (Chen & He 2021): predictor + stop-gradient on a shared encoder, negative cosine"

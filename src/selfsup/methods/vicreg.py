@@ -29,10 +29,10 @@ from ..heads import MLP
 from ..monitor import normalized_std
 from ..losses import vicreg_loss
 from ..distributed import gather
-from .base import Method
+from .base import Method, TwoViewFigures
 
 
-class VICReg(Method):
+class VICReg(TwoViewFigures, Method):
     name = "vicreg"
     family = "joint-embedding"
     summary = "VICReg (Bardes et al. 2022): invariance + variance hinge + covariance penalty on embeddings"
