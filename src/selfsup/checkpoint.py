@@ -154,13 +154,6 @@ def load_run_checkpoint(ckpt_dir: Path, map_location: str | torch.device = "cpu"
     raise CheckpointError(f"no checkpoint in {ckpt_dir} (neither last.pt nor previous.pt)")
 
 
-def size(path: Path) -> str:
-    try:
-        return f"{path.stat().st_size:,} bytes"
-    except OSError:
-        return "size unknown"
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:160]

@@ -58,7 +58,8 @@ import numpy as np
 import torch
 
 from . import distributed
-from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_run_checkpoint, save_keeping_previous
+from .checkpoint import CheckpointError, atomic_torch_save, load_run_checkpoint, save_keeping_previous
+from .checkpoint import load_checkpoint  # noqa: F401 - re-exported: selfsup.train.load_checkpoint
 from .config import Config, ConfigError, finalize, load_config, parse_duration, save_config, update_dataclass
 from .data import CachedImages, load_images
 from .methods import Method, get_method
