@@ -122,3 +122,25 @@ def test_params_overrides_merge_into_the_preset(tiny_dataset, tmp_path):
                  "--no-progress", "params.proj_hidden_dim=32", "params.proj_dim=16"]) == 0
     again = resume_config(run, {"params": {"lambd": 0.01}, "train": {"epochs": 2}})
     assert again.params["lambd"] == 0.01 and again.params["proj_hidden_dim"] == 32 and again.params["scale_loss"] == 0.1
+
+
+def test_swav_rehearses_with_its_queue_in_use_and_the_plan_rolls_it_back(tiny_dataset, tmp_path, monkeypatch):
+    """SwAV's queue makes a step dearer once full (from ``queue_start_frac`` of the run on): the budget's
+    rehearsal times steps with the queue in use (``Method.rehearse``), then the real run starts empty."""
+    monkeypatch.setattr(train_mod, "PLAN_MIN_SECONDS", 0.2)
+    cfg = _cfg(tiny_dataset / "train", "swav", time_budget="3s")
+    cfg.params.update(proj_hidden_dim=32, proj_dim=16, num_prototypes=8, queue_length=32, n_local=2)
+    trainer = Trainer(cfg, tmp_path / "swav", progress=False)
+    m, seen = trainer.method, []
+    step = trainer.train_step
+
+    def record(images, s):
+        seen.append((trainer.planned, m.queue_in_use()))
+        return step(images, s)
+
+    trainer.train_step = record
+    trainer.fit()
+    rehearsal = [used for planned, used in seen if not planned]
+    run = [used for planned, used in seen if planned]
+    assert rehearsal and all(rehearsal)  # every rehearsal step with a full queue
+    assert run and not run[0]  # the run itself starts with an empty queue (restored)

@@ -166,6 +166,13 @@ def test_jigsaw_prepare_is_the_puzzle_and_training_step_runs(tmp_path):
     assert torch.allclose(x.mean((-2, -1)), torch.zeros(36, 3), atol=1e-4)
     out = m.training_step((x, y))
     assert torch.isfinite(out["loss"]) and 0 <= float(out["pretext_acc"]) <= 1
+    # the paper's per-tile fc6 (params.tile_fc_dim): each tile's features pass it before the concatenation
+    m = METHODS["jigsaw"](build_config("jigsaw", {"model": {"backbone": "convnet"}, "data": {"image_size": 32},
+                                                  "params": {"num_permutations": 10, "tile_fc_dim": 24}}))
+    assert m.head[0].in_features == 9 * 24 and m.tile_fc[0].in_features == m.backbone.out_dim
+    out = m.training_step((x, y))
+    out["loss"].backward()
+    assert m.tile_fc[0].weight.grad.abs().sum() > 0 and m.backbone.stages[0][0].weight.grad.abs().sum() > 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,6 +242,13 @@ def test_relative_location_prepare_colour_modes_and_training_step():
         assert torch.isfinite(out["loss"])
     with pytest.raises(ConfigError, match="color_drop"):
         METHODS["relative_location"](build_config("relative_location", {"params": {"color_drop": "purple"}}))
+    # the paper's per-patch fc6 (params.patch_fc_dim) in each tower, before the late fusion
+    cfg = build_config("relative_location", {"model": {"backbone": "convnet"}, "data": {"image_size": 32},
+                                             "params": {"patch_fc_dim": 24}})
+    m = METHODS["relative_location"](cfg)
+    assert m.head[0].in_features == 2 * 24 and m.patch_fc[0].in_features == m.backbone.out_dim
+    m.training_step(m.prepare(images, torch.Generator().manual_seed(0)))["loss"].backward()
+    assert m.patch_fc[0].weight.grad.abs().sum() > 0
 
 
 # --------------------------------------------------------------------------------------------------

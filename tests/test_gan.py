@@ -296,3 +296,82 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(method, colo
     assert final["model"].keys() == expected.keys()
     for k, v in expected.items():
         assert torch.equal(final["model"][k], v), k
+
+
+# --------------------------------------------------------------------------------------------------
+# DiffAugment (Zhao et al. 2020) on the discriminator's inputs
+
+
+def test_diff_augment_matches_hand_computed_translation_cutout_and_colour():
+    from selfsup.methods.dcgan import diff_augment, diffaug_params
+
+    x = (torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) + 0.5) / 400 - 0.5  # no pixel is 0
+    shift = torch.tensor([[1, 0], [0, -2]])  # out[i, j] = x[i + dy, j + dx]: image 0 up 1 px, image 1 right 2
+    out = diff_augment(x, {"shift": shift})
+    assert torch.equal(out[0, :, :-1], x[0, :, 1:]) and (out[0, :, -1] == 0).all()
+    assert torch.equal(out[1, :, :, 2:], x[1, :, :, :-2]) and (out[1, :, :, :2] == 0).all()
+    hole = torch.tensor([[4, 4], [0, 7]])  # side 4: rows/cols 2..5; rows 0..1 (clipped), cols 5..7
+    out = diff_augment(x, {"hole": hole})
+    assert (out[0, :, 2:6, 2:6] == 0).all() and int((out[0] == 0).sum()) == 3 * 16
+    assert (out[1, :, 0:2, 5:8] == 0).all() and int((out[1] == 0).sum()) == 3 * 6
+    b, s, c = torch.tensor([0.25, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.5])
+    out = diff_augment(x, {"brightness": b, "saturation": s, "contrast": c})
+    assert torch.allclose(out[0], x[0] + 0.25)  # saturation and contrast 1: brightness only
+    grey = x[1].mean(0, keepdim=True).expand(3, -1, -1)  # saturation 0: every pixel's channel mean
+    assert torch.allclose(out[1], (grey - grey.mean()) * 1.5 + grey.mean(), atol=1e-6)
+    p = diffaug_params(4, 32, "color,translation,cutout", torch.Generator().manual_seed(0), "cpu")
+    assert set(p) == {"brightness", "saturation", "contrast", "shift", "hole"}
+    assert p["shift"].abs().max() <= 4 and p["hole"].max() <= 32
+    with pytest.raises(ConfigError, match="diffaug"):
+        diffaug_params(4, 32, "color,zoom", torch.Generator(), "cpu")
+
+
+def _diffaug_step_inputs(method, policy, data):
+    """A method with DiffAugment ``policy``, 4 random images and their prepared batch."""
+    cfg = _cfg(method, data / "train", 1)
+    cfg.params["diffaug"] = policy
+    m = METHODS[method](cfg)
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    return m, x, m.prepare(x, torch.Generator().manual_seed(0))
+
+
+def test_dcgan_diffaug_reaches_the_discriminator_and_passes_gradients_to_g(colour_data):
+    m, x, batch = _diffaug_step_inputs("dcgan", "color,translation,cutout", colour_data)
+    seen = []
+    m.backbone.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    m.phase_step(batch, "g")
+    real = batch[0]
+    assert seen[0].shape[0] == 8 and not torch.allclose(seen[0][:4], real)  # D sees augmented reals
+    m.zero_grad()
+    m.phase_step(batch, "g")["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.generator.parameters())
+    again = m.prepare(x, torch.Generator().manual_seed(0))  # drawn from the step's generator: repeatable
+    assert all(torch.equal(again[2]["d"][k], batch[2]["d"][k]) for k in batch[2]["d"])
+
+
+def test_dcgan_map_head_reads_the_last_feature_map_unpooled(colour_data):
+    """``params.map_head``: D's logit is one linear unit on the last map flattened (the DCGAN paper's D):
+    one weight per channel and location; equal weights over the locations reduce it to the pooled head."""
+    cfg = _cfg("dcgan", colour_data / "train", 1)
+    cfg.params["map_head"] = True
+    m = METHODS["dcgan"](cfg)
+    last = m.backbone.forward_stages(torch.zeros(1, 3, 16, 16))[-1]
+    assert m.d_head.in_features == last[0].numel() == m.backbone.out_dim * 2 * 2  # 16 px: a 2x2 map
+    x = torch.randn(3, 3, 16, 16)
+    m.eval()
+    expected = m.d_head(m.backbone.forward_stages(x)[-1].flatten(1)).squeeze(1)
+    assert torch.allclose(m.discriminator(x), expected, atol=1e-5)
+    pooled = m.d_head.weight.view(m.backbone.out_dim, 4).mean(1)  # the same weight at every location ...
+    m.d_head.weight.data = pooled.repeat_interleave(4)[None]  # ... is a linear unit on the pooled map
+    assert torch.allclose(m.discriminator(x), m.d_head.bias + 4 * m.backbone(x) @ pooled, atol=1e-4)
+
+
+def test_bigan_diffaug_changes_what_d_sees_not_what_e_encodes(colour_data):
+    m, _, batch = _diffaug_step_inputs("bigan", "translation,cutout", colour_data)
+    d_in, e_in = [], []
+    m.disc.register_forward_pre_hook(lambda mod, args: d_in.append(args[0].detach().clone()))
+    m.backbone.register_forward_pre_hook(lambda mod, args: e_in.append(args[0].detach().clone()))
+    m.phase_step(batch, "d")
+    real = batch[0]
+    assert torch.allclose(e_in[0], real)  # E encodes the real view itself
+    assert d_in[0].shape == real.shape and not torch.allclose(d_in[0], real)  # D sees it shifted, with a hole

@@ -61,6 +61,7 @@ def export(run: str | Path, fmt: str = "safetensors", out: str | Path | None = N
     out.mkdir(parents=True, exist_ok=True)
     spec = dict(enc.spec)
     spec.setdefault("input", enc.input_mode)
+    spec.pop("weights", None)  # the state below is the evaluated backbone itself
     meta = {"spec": spec, "mean": list(enc.mean), "std": list(enc.std), "source": str(run)}
     state = {k: v.detach().cpu().contiguous() for k, v in enc.backbone.state_dict().items()}
     if fmt == "safetensors":

@@ -417,7 +417,7 @@ class Trainer:
 
     def health(self) -> dict[str, float]:
         """Collapse indicators of the backbone's features on the fixed subset (see monitor.py)."""
-        feats = embed(self.method.backbone, self.data.images[self.health_idx], self.cfg.aug, self.device,
+        feats = embed(self.method.encoder, self.data.images[self.health_idx], self.cfg.aug, self.device,
                       self.cfg.train.precision, input_mode=self.method.input_mode)
         return embedding_health(feats)
 
@@ -483,7 +483,7 @@ class Trainer:
                             if end_of_epoch or self.step == self.total_steps:  # a run shorter than an epoch too
                                 h = self.health()
                                 row.update(feat_std=f"{h['feat_std']:.4g}", rankme=f"{h['rankme']:.4g}")
-                                warning = collapse_warning(h, self.method.backbone.out_dim)
+                                warning = collapse_warning(h, self.method.encoder.out_dim)
                                 if warning:
                                     log.warning("epoch %d: %s", epoch + 1, warning)
                             self.metrics.write(row)
@@ -555,6 +555,7 @@ class Trainer:
         epoch_work = time.perf_counter() - self._epoch_started if hasattr(self, "_epoch_started") else 0.0
         times: list[float] = []
         probe_limit = min(max(1.5 * PLAN_MIN_SECONDS, 0.03 * budget), 0.1 * budget)  # seconds of rehearsal at most
+        self.method.rehearse()  # e.g. SwAV's queue in use, as in most of the run (rolled back below)
         t_probe = t_prev = time.perf_counter()
         e = epoch
         while not times or not self._probe_done(times, t_prev - t_probe, probe_limit):

@@ -89,7 +89,8 @@ def load_encoder(run: str, image_size: int | None = None, seed: int = 0) -> Enco
     spec = ckpt["backbone_spec"]
     try:
         backbone = build_backbone(spec["name"], spec["image_size"], spec["small_stem"], spec["in_chans"])
-        state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+        prefix = spec.get("weights", "backbone") + "."  # e.g. DINO's teacher_backbone
+        state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
         backbone.load_state_dict(state)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{checkpoint_path(run)}: its backbone weights do not fit its backbone spec "

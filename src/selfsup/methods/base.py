@@ -50,6 +50,9 @@ class Method(nn.Module):
     views_per_image: ClassVar[int] = 1  # how many encoder inputs one source image becomes
     input_mode: ClassVar[str] = "rgb"  # what the backbone sees: "rgb" or "lab_l" (see data.views.INPUT_CHANNELS)
     phases: ClassVar[tuple[str, ...]] = ("main",)  # one optimizer per phase, stepped in this order
+    # the submodule that evaluation, export and the health checks use as the encoder: the trained
+    # ``backbone``, or e.g. DINO's EMA teacher (the paper evaluates the teacher)
+    eval_backbone: ClassVar[str] = "backbone"
 
     @dataclass
     class Params:
@@ -72,7 +75,13 @@ class Method(nn.Module):
         spec = backbone_spec(self.cfg.model.backbone, self.cfg.data.image_size, self.cfg.model.small_stem,
                              in_chans=INPUT_CHANNELS[self.input_mode])
         spec["input"] = self.input_mode
+        spec["weights"] = self.eval_backbone  # the state_dict prefix evaluation loads (absent: "backbone")
         return spec
+
+    @property
+    def encoder(self) -> Backbone:
+        """The backbone that is evaluated (:attr:`eval_backbone`)."""
+        return getattr(self, self.eval_backbone)
 
     def fmt(self, x: torch.Tensor) -> torch.Tensor:
         """Put an image batch in the run's memory format (channels_last by default)."""
@@ -93,6 +102,11 @@ class Method(nn.Module):
     def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
         """Called before the first step of each epoch (also when a run resumes mid-epoch: keep state
         in buffers so that work already done for ``epoch`` is not redone). Nothing by default."""
+
+    def rehearse(self) -> None:
+        """Called before a time budget's rehearsal steps (``Trainer.plan``), which are rolled back after:
+        put the method in the state most of the run's steps will be in, so that they are timed as they
+        will cost (SwAV: its queue in use). Nothing by default."""
 
     def epoch_order(self, epoch: int, generator: torch.Generator, n: int) -> np.ndarray | None:
         """Indices of the images to visit in ``epoch`` (any length, repeats allowed), drawn with

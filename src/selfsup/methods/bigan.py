@@ -34,7 +34,10 @@ preset's ``optim.lr`` 4e-4 per 256 images is 2e-4 at batch 128), constant rate. 
 (BiGAN: 200 on ImageNet, ALI: 64 on CIFAR-10). Generator: the DCGAN one shared with ``dcgan``
 (scaled to 32-96 px as described there). The encoder is the run's backbone (convnet or resnet18)
 instead of BiGAN's AlexNet, with a linear map of its pooled features to ``z`` (deterministic, as in
-BiGAN; ALI's encoder is stochastic). Augmentation: horizontal flips only.
+BiGAN; ALI's encoder is stochastic). Augmentation: horizontal flips only. ``params.diffaug`` applies
+DCGAN's DiffAugment option to the images D sees (E encodes the plain view); off in the preset: in a
+5-minute CIFAR-10 run (convnet, batch 128) kNN 0.278 / linear 0.323 with it, 0.286 / 0.299 without, both
+far below random init (0.422 / 0.444).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ import torch.nn as nn
 from ..data.views import eval_view
 from ..figures import image_grid, sample_images
 from .base import Method, split_decay
-from .dcgan import GeneratorPlayer, build_generator, d_accuracies, d_loss, dcgan_init, generator_plan
+from .dcgan import (GeneratorPlayer, build_generator, d_accuracies, d_loss, dcgan_init, diffaug_params,
+                    generator_plan)
 
 
 class JointDiscriminator(nn.Module):
@@ -94,6 +98,7 @@ class BiGAN(GeneratorPlayer, Method):
         dropout: float = 0.2  # dropout on D's hidden layers (ALI)
         real_label: float = 1.0  # target for (x, E(x)) in D's loss; < 1 is one-sided label smoothing
         beta1: float = 0.5  # Adam's beta1 for both players; beta2 is 0.999
+        diffaug: str = ""  # DiffAugment of the images D sees (dcgan.diff_augment), e.g. "color,translation,cutout"
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -101,6 +106,7 @@ class BiGAN(GeneratorPlayer, Method):
         self.generator = build_generator(hp.z_dim, cfg.data.image_size, hp.gen_width)
         self.enc_head = nn.Linear(self.backbone.out_dim, hp.z_dim)  # E = enc_head(backbone(x))
         self.disc = JointDiscriminator(cfg.data.image_size, hp.z_dim, hp.disc_width, hp.disc_hidden, hp.dropout)
+        diffaug_params(1, cfg.data.image_size, hp.diffaug, torch.Generator(), "cpu")  # checks the policy
 
     # -- pieces ----------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,16 +114,24 @@ class BiGAN(GeneratorPlayer, Method):
 
     # -- the step (prepare, fake, sample_noise: GeneratorPlayer) --------------------------------------
     def phase_step(self, batch, phase):
-        x, z = batch
+        x, z, aug = batch
+        b = x.shape[0]
+
+        def d_views(real, fake):  # DiffAugment (params.diffaug) of the images D sees; E sees x as it is
+            both = self.d_view(torch.cat([real, fake]), aug[phase])
+            return both[:b], both[b:]
+
         if phase == "d":
             with torch.no_grad():
                 ex, fake = self.encode(x), self.fake(z)
-            real_logits, fake_logits = self.disc(x, ex), self.disc(fake, z)
+            dx, dfake = d_views(x, fake)
+            real_logits, fake_logits = self.disc(dx, ex), self.disc(dfake, z)
             return {"loss": d_loss(real_logits, fake_logits, self.hp.real_label),
                     **d_accuracies(real_logits, fake_logits)}
         if phase == "g":
             ex = self.encode(x)
-            real_logits, fake_logits = self.disc(x, ex), self.disc(self.fake(z), z)
+            dx, dfake = d_views(x, self.fake(z))
+            real_logits, fake_logits = self.disc(dx, ex), self.disc(dfake, z)
             loss = d_loss(fake_logits, real_logits)  # swapped labels: fakes -> 1, reals -> 0
             return {"loss": loss, "enc_z_std": ex.detach().std(0).mean()}
         raise ValueError(f"unknown phase '{phase}'")

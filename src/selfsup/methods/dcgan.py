@@ -44,6 +44,13 @@ horizontal flips only (crops would make the reals blurrier than the fakes, a cue
 carries no semantics). What to expect: ``D`` wins most batches from the first epoch (``d_real_acc``,
 ``d_fake_acc`` ~0.95-1) while ``G`` improves; on CIFAR-10 the samples are checkerboard-like for the
 first ~150 steps at 2e-4, then colour blobs (seen at 16 px, batch 32, 600 steps).
+
+Two options the paper does not have. ``diffaug`` (the preset: ``"color,translation,cutout"``) applies
+DiffAugment (Zhao et al., NeurIPS 2020, arXiv 2006.10738) to every image D sees, real or generated, in
+both phases, with parameters drawn in ``prepare`` and differentiable in the image, so G learns through
+it: on CIFAR-10 the convnet D otherwise wins from the first steps (``d_gz`` ~0.03, G's loss rising) and
+its features fold onto a few directions. ``map_head`` puts the logit on the last feature map flattened
+(the paper's D: its 4x4 map into one linear unit) instead of the pooled features.
 """
 
 from __future__ import annotations
@@ -151,6 +158,73 @@ def d_accuracies(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> dict[s
 
 
 # --------------------------------------------------------------------------------------------------
+# differentiable augmentation of the discriminator's inputs (DiffAugment, Zhao et al., NeurIPS 2020,
+# arXiv 2006.10738): the same random colour, translation and cutout on real and generated images, in
+# both players' steps, differentiable in the image so G's gradient flows through it
+
+
+DIFFAUG_OPS = ("color", "translation", "cutout")
+
+
+def diffaug_params(n: int, size: int, policy: str, generator: torch.Generator, device) -> dict[str, torch.Tensor]:
+    """Random parameters of :func:`diff_augment` for ``n`` images of ``size`` px, drawn from ``generator``
+    in a fixed order (colour, translation, cutout), as the reference code draws them: brightness
+    ``U(-0.5, 0.5)``, saturation ``U(0, 2)``, contrast ``U(0.5, 1.5)`` (on images in [-1, 1]); a shift of
+    up to 1/8 of the side; one square hole of half the side."""
+    ops = [o for o in policy.split(",") if o]
+    if any(o not in DIFFAUG_OPS for o in ops):
+        from ..config import ConfigError
+
+        raise ConfigError(f"params.diffaug: unknown op in {policy!r}; use a comma-separated subset of "
+                          f"{','.join(DIFFAUG_OPS)}")
+
+    def rand(*shape):
+        return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+    def randint(lo, hi, *shape):
+        return torch.randint(lo, hi, shape, generator=generator, device=generator.device).to(device)
+
+    out: dict[str, torch.Tensor] = {}
+    if "color" in ops:
+        out.update(brightness=rand(n) - 0.5, saturation=rand(n) * 2, contrast=rand(n) + 0.5)
+    if "translation" in ops:
+        s = int(size * 0.125 + 0.5)
+        out["shift"] = randint(-s, s + 1, n, 2)
+    if "cutout" in ops:
+        c = int(size * 0.5 + 0.5)
+        out["hole"] = randint(0, size + (1 - c % 2), n, 2)
+    return out
+
+
+def diff_augment(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """DiffAugment of images ``x`` ``(B, C, S, S)`` in [-1, 1] with parameters from :func:`diffaug_params`:
+    brightness (add), saturation and contrast (scale around the pixel's / image's mean), translation
+    with zero padding, a zeroed square hole. Differentiable in ``x``."""
+    b, _, h, w = x.shape
+    view = (b, 1, 1, 1)
+    if "brightness" in p:
+        x = x + p["brightness"].view(view)
+        mean = x.mean(dim=1, keepdim=True)
+        x = (x - mean) * p["saturation"].view(view) + mean
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * p["contrast"].view(view) + mean
+    if "shift" in p or "hole" in p:
+        bi = torch.arange(b, device=x.device).view(b, 1, 1)
+        gy = torch.arange(h, device=x.device).view(1, h, 1)
+        gx = torch.arange(w, device=x.device).view(1, 1, w)
+    if "shift" in p:
+        ty, tx = p["shift"][:, 0].view(b, 1, 1), p["shift"][:, 1].view(b, 1, 1)
+        padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # zeros around: out-of-image pixels read them
+        x = padded[bi, (gy + ty + 1).clamp(0, h + 1), (gx + tx + 1).clamp(0, w + 1)].permute(0, 3, 1, 2)
+    if "hole" in p:
+        c = int(h * 0.5 + 0.5)
+        cy, cx = p["hole"][:, 0].view(b, 1, 1), p["hole"][:, 1].view(b, 1, 1)
+        inside = ((gy - cy + c // 2) >= 0) & ((gy - cy + c // 2) < c) & ((gx - cx + c // 2) >= 0) & ((gx - cx + c // 2) < c)
+        x = x * (~inside).unsqueeze(1).to(x.dtype)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 class GeneratorPlayer:
@@ -170,9 +244,23 @@ class GeneratorPlayer:
         return torch.randn(n, self.hp.z_dim, generator=generator, device=generator.device).to(device)
 
     def prepare(self, images, generator):
-        """Real views (light augmentation) and the step's noise ``z``."""
+        """Real views (light augmentation), the step's noise ``z`` and, with ``params.diffaug``, DiffAugment's
+        parameters for each phase's real + generated images (drawn here: exact resume)."""
         x = augment(images, self.cfg.aug, generator)
-        return self.fmt(x), self.sample_noise(x.shape[0], generator, x.device)
+        z = self.sample_noise(x.shape[0], generator, x.device)
+        n = 2 * x.shape[0]
+        aug = {ph: diffaug_params(n, x.shape[-1], self.hp.diffaug, generator, x.device) for ph in self.phases}
+        return self.fmt(x), z, aug
+
+    def d_view(self, x: torch.Tensor, aug: dict | None) -> torch.Tensor:
+        """What D sees of the normalised images ``x``: DiffAugmented (in [-1, 1], as the reference code)
+        when ``aug`` holds parameters, else ``x``."""
+        if not aug:
+            return x
+        mean = torch.tensor(self.cfg.aug.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.cfg.aug.std, device=x.device).view(1, -1, 1, 1)
+        u = diff_augment((x.float() * std + mean) * 2 - 1, aug)
+        return self.fmt(((u + 1) / 2 - mean) / std)
 
 
 class DCGAN(GeneratorPlayer, Method):
@@ -187,29 +275,44 @@ class DCGAN(GeneratorPlayer, Method):
         gen_width: int = 64  # generator channels at its last hidden layer (DCGAN's ngf); x2 per layer up
         real_label: float = 0.9  # target for real images in D's loss; < 1 is one-sided label smoothing
         beta1: float = 0.5  # Adam's beta1 for both players (DCGAN, Sec. 4); beta2 is 0.999
+        diffaug: str = ""  # DiffAugment of D's inputs, e.g. "color,translation,cutout" (Zhao et al. 2020)
+        map_head: bool = False  # the logit reads the backbone's last feature map flattened (the paper's D:
+        #                         its 4x4 map into one linear unit), not the pooled features
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self.d_head = LinearClassifier(self.backbone.out_dim, 1)  # D = d_head(backbone(x))
+        if self.hp.map_head:  # D = d_head(flatten(last map of backbone(x)))
+            size = cfg.data.image_size
+            self.backbone.eval()  # a shape probe that leaves the BatchNorm statistics alone
+            with torch.no_grad():
+                n = self.backbone.forward_stages(torch.zeros(1, self.backbone_spec()["in_chans"], size, size))[-1].numel()
+            self.backbone.train()
+            self.d_head = LinearClassifier(n, 1)
+        else:  # D = d_head(backbone(x))
+            self.d_head = LinearClassifier(self.backbone.out_dim, 1)
         self.generator = build_generator(self.hp.z_dim, cfg.data.image_size, self.hp.gen_width)
+        diffaug_params(1, cfg.data.image_size, self.hp.diffaug, torch.Generator(), "cpu")  # checks the policy
 
     # -- pieces ----------------------------------------------------------------------------------
-    def discriminator(self, x: torch.Tensor) -> torch.Tensor:
-        return self.d_head(self.backbone(x)).float().squeeze(1)
+    def discriminator(self, x: torch.Tensor, aug: dict | None = None) -> torch.Tensor:
+        """D's logits of the normalised images ``x``, DiffAugmented first when ``aug`` has parameters."""
+        x = self.fmt(self.d_view(x, aug))
+        f = self.backbone.forward_stages(x)[-1].flatten(1) if self.hp.map_head else self.backbone(x)
+        return self.d_head(f).float().squeeze(1)
 
     # -- the step --------------------------------------------------------------------------------
     def phase_step(self, batch, phase):
-        x, z = batch
+        x, z, aug = batch
         b = x.shape[0]
         if phase == "d":
             with torch.no_grad():
                 fake = self.fake(z)
-            logits = self.discriminator(self.fmt(torch.cat([x, fake])))
+            logits = self.discriminator(torch.cat([x, fake]), aug["d"])
             real_logits, fake_logits = logits[:b], logits[b:]
             return {"loss": d_loss(real_logits, fake_logits, self.hp.real_label),
                     **d_accuracies(real_logits, fake_logits)}
         if phase == "g":
-            logits = self.discriminator(self.fmt(torch.cat([x, self.fake(z)])))
+            logits = self.discriminator(torch.cat([x, self.fake(z)]), aug["g"])
             return {"loss": g_loss(logits[b:])}
         raise ValueError(f"unknown phase '{phase}'")
 

@@ -8,8 +8,8 @@ Algorithm (Sec. 3 of the paper; one puzzle per image)::
     tiles = crop_tiles(x)                 # 3x3 grid of cells; a random tile inside each cell (gap + jitter)
     y ~ U{0..N-1};  t_j = tiles[P[y][j]]  # puzzle position j shows tile P[y][j]; pseudo label y
     t = gray(t, p=0.3 per tile); t = (t - mean(t)) / std(t)   # per tile, per channel
-    f = backbone(resize(t))               # siamese: the shared backbone runs on all 9B tiles at once
-    loss = cross_entropy(head(concat(f_0 .. f_8)), y)          # MLP on the 9*D concatenated features
+    f = fc6(backbone(resize(t)))          # siamese: the shared tower runs on all 9B tiles at once
+    loss = cross_entropy(head(concat(f_0 .. f_8)), y)          # MLP on the 9*F concatenated features
 
 The pseudo label ``y`` indexes ``P``; the tile at puzzle position ``j`` belongs at grid cell ``P[y][j]``
 (cells in raster order), so :func:`assemble` with ``order = P[y]`` puts the puzzle back together.
@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
@@ -213,7 +214,9 @@ class Jigsaw(Method):
         gray_p: float = 0.3  # probability that a tile is greyed (chromatic aberration shortcut)
         tile_norm: bool = True  # standardise each tile per channel (paper); else the dataset's mean/std
         tile_size: int = 0  # side the tiles are resized to for the backbone; 0: image_size // 2
-        head_hidden_dim: int = 1024  # MLP(9*D, hidden, N) on the concatenated features; paper fc7 4096
+        head_hidden_dim: int = 1024  # MLP(9*F, hidden, N) on the concatenated features; paper fc7 4096
+        tile_fc_dim: int = 0  # F: a per-tile layer Linear(D, F) + BN + ReLU before the concatenation
+        #                       (the paper's fc6, 512 units); 0: none, F = D
         perm_seed: int = 0  # seed of the first permutation of the set (the rest is greedy)
 
     def __init__(self, cfg) -> None:
@@ -225,7 +228,10 @@ class Jigsaw(Method):
             raise ConfigError(f"jigsaw needs images of at least {GRID} px")
         self.register_buffer("perms", permutation_set(hp.num_permutations, hp.perm_seed), persistent=False)
         self.tile_size = hp.tile_size or max(1, cfg.data.image_size // 2)
-        self.head = MLP(TILES * self.backbone.out_dim, hp.head_hidden_dim, hp.num_permutations)
+        d = self.backbone.out_dim
+        self.tile_fc = (nn.Sequential(nn.Linear(d, hp.tile_fc_dim, bias=False), nn.BatchNorm1d(hp.tile_fc_dim),
+                                      nn.ReLU(inplace=True)) if hp.tile_fc_dim else nn.Identity())
+        self.head = MLP(TILES * (hp.tile_fc_dim or d), hp.head_hidden_dim, hp.num_permutations)
 
     def _aug01(self):
         """The run's augmentation without its normalisation: views in [0, 1]."""
@@ -247,7 +253,7 @@ class Jigsaw(Method):
 
     def training_step(self, batch):
         x, y = batch
-        f = self.backbone(x)  # (9B, D): the siamese tower, shared weights
+        f = self.tile_fc(self.backbone(x))  # (9B, F): the siamese tower, shared weights
         logits = self.head(f.reshape(-1, TILES * f.shape[1])).float()  # concat(f_0, ..., f_8) per image
         loss = F.cross_entropy(logits, y)
         return {"loss": loss, "pretext_acc": (logits.argmax(1) == y).float().mean()}
@@ -264,7 +270,7 @@ class Jigsaw(Method):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         tiles, y = make_puzzles(x, self.perms, self.hp.tile_frac, self.hp.jitter, self.hp.gray_p,
                                 torch.Generator().manual_seed(0))
-        pred = self.head(self.backbone(self.network_input(tiles)).reshape(n, -1)).float().argmax(1)
+        pred = self.head(self.tile_fc(self.backbone(self.network_input(tiles))).reshape(n, -1)).float().argmax(1)
         gap = max(1, tiles.shape[-1] // 8)
         rows = [x, assemble(tiles, gap=gap), assemble(tiles, self.perms[pred], gap=gap)]
         cols = [f"perm {int(a)}: {'ok' if a == b else f'pred {int(b)}'}" for a, b in zip(y, pred)]

