@@ -14,9 +14,10 @@ Algorithm 1 of the paper::
         z = z.detach()                       # stop gradient
         return -(normalize(p) * normalize(z)).sum(dim=1).mean()
 
-f's projection MLP has BatchNorm on every layer, including its output (3 layers, no ReLU at the
-output); h is a 2-layer bottleneck MLP (hidden d/4) with BatchNorm on its hidden layer only. Each
-view is its own forward pass (BatchNorm statistics per view), as in the reference code.
+f's projection MLP has BatchNorm on every layer, including its output (no ReLU at the output; 3 layers
+on ImageNet, 2 in the paper's CIFAR experiments and the CIFAR preset); h is a 2-layer bottleneck MLP
+(hidden d/4) with BatchNorm on its hidden layer only. Each view is its own forward pass (BatchNorm
+statistics per view), as in the reference code.
 
 Fixed predictor learning rate (Sec. 4.2, Table 1c): with ``fix_pred_lr`` the predictor's parameter
 groups carry ``fixed_lr=True``, and the training loop's schedule (``Trainer.set_lr``) keeps them at
@@ -45,7 +46,7 @@ class SimSiam(TwoViewFigures, Method):
     class Params:
         proj_hidden_dim: int = 2048
         proj_dim: int = 2048  # d
-        proj_layers: int = 3  # 3 in the paper (2 in common CIFAR re-implementations)
+        proj_layers: int = 3  # 3 in the paper on ImageNet, 2 in its CIFAR experiments (the CIFAR preset)
         pred_hidden_dim: int = 512  # bottleneck d/4
         fix_pred_lr: bool = True  # mark the predictor's groups fixed_lr=True (see module docstring)
 
