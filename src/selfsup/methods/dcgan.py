@@ -219,7 +219,8 @@ def diff_augment(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     if "hole" in p:
         c = int(h * 0.5 + 0.5)
         cy, cx = p["hole"][:, 0].view(b, 1, 1), p["hole"][:, 1].view(b, 1, 1)
-        inside = ((gy - cy + c // 2) >= 0) & ((gy - cy + c // 2) < c) & ((gx - cx + c // 2) >= 0) & ((gx - cx + c // 2) < c)
+        ry, rx = gy - cy + c // 2, gx - cx + c // 2  # position inside the hole's square
+        inside = (ry >= 0) & (ry < c) & (rx >= 0) & (rx < c)
         x = x * (~inside).unsqueeze(1).to(x.dtype)
     return x.contiguous(memory_format=torch.channels_last)
 
@@ -285,7 +286,8 @@ class DCGAN(GeneratorPlayer, Method):
             size = cfg.data.image_size
             self.backbone.eval()  # a shape probe that leaves the BatchNorm statistics alone
             with torch.no_grad():
-                n = self.backbone.forward_stages(torch.zeros(1, self.backbone_spec()["in_chans"], size, size))[-1].numel()
+                probe = torch.zeros(1, self.backbone_spec()["in_chans"], size, size)
+                n = self.backbone.forward_stages(probe)[-1].numel()
             self.backbone.train()
             self.d_head = LinearClassifier(n, 1)
         else:  # D = d_head(backbone(x))
