@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--results", metavar="PREFIX", help="write PREFIX.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    out = {}
+    out, splits = {}, {}  # the labeled splits, loaded once per image size
     for run in args.runs:
         enc = load_encoder(run)
         if args.teacher:
@@ -41,8 +41,10 @@ def main() -> None:
             enc.backbone.load_state_dict({k[len("teacher_backbone."):]: v for k, v in model.items()
                                           if k.startswith("teacher_backbone.")})
         size = enc.spec["image_size"]
-        tr = load_images(args.data, split="train", image_size=size, progress=False)
-        te = load_images(args.data, split="test", image_size=size, progress=False)
+        if size not in splits:
+            splits[size] = tuple(load_images(args.data, split=sp, image_size=size, progress=False)
+                                 for sp in ("train", "test"))
+        tr, te = splits[size]
         ytr, yte = torch.from_numpy(tr.labels).long(), torch.from_numpy(te.labels).long()
         precise_bn(enc, tr.images, "cpu")
         row = {"pooled": knn_top1(extract_features(enc, tr.images, "cpu"), ytr,

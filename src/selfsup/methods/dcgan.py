@@ -257,7 +257,7 @@ class GeneratorPlayer:
         """What D sees of the normalised images ``x``: DiffAugmented (in [-1, 1], as the reference code)
         when ``aug`` holds parameters, else ``x``."""
         if not aug:
-            return x
+            return self.fmt(x)
         mean = torch.tensor(self.cfg.aug.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.cfg.aug.std, device=x.device).view(1, -1, 1, 1)
         u = diff_augment((x.float() * std + mean) * 2 - 1, aug)
@@ -298,7 +298,7 @@ class DCGAN(GeneratorPlayer, Method):
     # -- pieces ----------------------------------------------------------------------------------
     def discriminator(self, x: torch.Tensor, aug: dict | None = None) -> torch.Tensor:
         """D's logits of the normalised images ``x``, DiffAugmented first when ``aug`` has parameters."""
-        x = self.fmt(self.d_view(x, aug))
+        x = self.d_view(x, aug)
         f = self.backbone.forward_stages(x)[-1].flatten(1) if self.hp.map_head else self.backbone(x)
         return self.d_head(f).float().squeeze(1)
 
