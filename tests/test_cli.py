@@ -73,3 +73,40 @@ def test_help_mentions_every_command():
     assert r.returncode == 0
     for cmd in ("pretrain", "evaluate", "demo", "methods"):
         assert cmd in r.stdout
+
+
+def test_demo_never_deletes_a_run_it_did_not_make(tmp_path, capsys):
+    """A second ``selfsup demo --out DIR`` (or one pointed at the user's runs) refuses in one line and
+    leaves what is there untouched; it used to delete DIR/rotation and DIR/simclr."""
+    ckpt = tmp_path / "simclr" / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"a run of the user's")
+    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "already exists" in err and "another --out" in err and "Traceback" not in err
+    assert ckpt.read_bytes() == b"a run of the user's" and not (tmp_path / "rotation").exists()
+
+
+def test_the_api_chains_pretrain_into_evaluate_and_revalidates_a_changed_config(tiny_dataset, tmp_path):
+    """``selfsup.evaluate(selfsup.pretrain(...), ...)``: pretrain returns a Path, evaluate takes it (and
+    Paths for the data). A Config changed after build_config is derived and checked again by Trainer."""
+    import selfsup
+    from selfsup.config import ConfigError
+
+    cfg = selfsup.build_config("rotation", {"model": {"backbone": "convnet"}, "optim": {"warmup_epochs": 0},
+                                            "train": {"epochs": 1, "batch_size": 16, "device": "cpu"}})
+    cfg.data.path, cfg.data.image_size = str(tiny_dataset / "train"), 16  # changed after build_config
+    assert cfg.aug.size == 32  # stale until the Trainer derives it again
+    run = selfsup.pretrain(cfg, tmp_path / "run", progress=False)
+    assert isinstance(run, type(tmp_path)) and cfg.aug.size == 16
+    res = selfsup.evaluate(run, "knn", tiny_dataset, tiny_dataset, k=5, progress=False)
+    assert 0.0 <= res["top1"] <= 1.0 and res["backbone"]["image_size"] == 16
+
+    bad = selfsup.build_config("rotation", {"train": {"device": "cpu"}})
+    bad.params["no_such_param"] = 1
+    with pytest.raises(ConfigError, match="no_such_param"):
+        selfsup.Trainer(bad, tmp_path / "bad", progress=False)
+    bad = selfsup.build_config("rotation", {"train": {"device": "cpu"}})
+    bad.train.batch_size = 0
+    with pytest.raises(ConfigError, match="batch_size"):
+        selfsup.Trainer(bad, tmp_path / "bad", progress=False)

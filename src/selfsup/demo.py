@@ -11,13 +11,12 @@ table in the README.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .config import build_config
+from .config import ConfigError, build_config
 from .data import load_images
 from .evaluate import balanced_subset, extract_features, knn_top1, linear_probe, load_encoder
 from .train import pretrain
@@ -35,6 +34,11 @@ DEMO_RUNS = {
 def run_demo(data: str | None = None, out: str | Path = "runs/demo", epochs: int | None = None,
              device: str = "auto", progress: bool = True, image_size: int = 32, backbone: str = "convnet") -> list[dict]:
     out = Path(out)
+    held = [out / m for m in DEMO_RUNS if (out / m).exists() and any((out / m).iterdir())]
+    if held:  # never delete or overwrite a run this call did not make
+        raise ConfigError(f"{', '.join(map(str, held))} already exist{'s' if len(held) == 1 else ''} (an earlier "
+                          f"demo's runs, or yours; its table is in {out / 'results.md'} if it finished): "
+                          f"choose another --out, or delete {'it' if len(held) == 1 else 'them'} to start over")
     spec = data or "digits"
     train = load_images(spec, "train", image_size, progress=progress)
     test = load_images(spec, "test", image_size, progress=progress)
@@ -50,8 +54,6 @@ def run_demo(data: str | None = None, out: str | Path = "runs/demo", epochs: int
             overrides["train"]["epochs"] = epochs
         cfg = build_config(method, overrides)
         run_dir = out / method
-        if (run_dir / "checkpoints" / "last.pt").exists():
-            shutil.rmtree(run_dir)  # a demo re-run starts over
         t0 = time.perf_counter()
         pretrain(cfg, run_dir, progress=progress, data=train)
         times[method] = time.perf_counter() - t0

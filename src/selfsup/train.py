@@ -250,7 +250,9 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
                  data: CachedImages | None = None) -> None:
         self.started = time.perf_counter()  # the time budget counts from here (data loading included)
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        # a Config changed after build_config (cfg.data.image_size = 64, cfg.params.update(...)) is
+        # derived and checked again here: aug.size follows the image size, params are filled and typed
+        self.cfg, self.run_dir = finalize(cfg), Path(run_dir)
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
         self.rank, self.world_size, device = distributed.setup(cfg.train.device)
         self.is_main = self.rank == 0  # only rank 0 writes checkpoints, metrics and figures

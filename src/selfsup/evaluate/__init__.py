@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +97,7 @@ def _labeled(spec: str, split: str, image_size: int, cache_dir: str | None, prog
     return data
 
 
-def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | None = None,
+def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path, out: str | Path | None = None,
              labels_per_class: int | None = None, image_size: int | None = None, k: int = 200,
              temperature: float = 0.1, device: str = "auto", seed: int = 0, cache_dir: str | None = None,
              progress: bool = True, encoder: Encoder | None = None, fraction: float | None = None,
@@ -109,6 +111,7 @@ def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | N
     Frozen protocols first re-estimate the backbone's BatchNorm statistics on the evaluation views of
     the training images (:func:`selfsup.evaluate.features.precise_bn`; no labels), recorded as
     ``precise_bn`` (images used) in the json; ``precise_bn_stats=False`` keeps the checkpoint's."""
+    run, train, test = str(run), str(train), str(test)  # Paths (what selfsup.pretrain returns) or strs
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol '{protocol}'; choose one of: {', '.join(PROTOCOLS)}")
     if protocol in FRACTION_PROTOCOLS:
@@ -193,3 +196,15 @@ def evaluate(run: str, protocol: str, train: str, test: str, out: str | Path | N
 __all__ = ["PROTOCOLS", "Encoder", "balanced_subset", "evaluate", "fraction_subset", "result_name",
            "extract_features", "extract_stage_features",
            "knn_predict", "knn_top1", "linear_probe", "load_encoder", "retrieval_scores"]
+
+
+class _CallableModule(types.ModuleType):
+    """``selfsup.evaluate`` is both this package and the function :func:`evaluate`: once the package is
+    imported (as training and the CLI do), Python binds it as the attribute ``selfsup.evaluate``, in
+    place of the lazily exported function, so ``selfsup.evaluate(run, ...)`` calls the function here."""
+
+    def __call__(self, *args, **kwargs) -> dict:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

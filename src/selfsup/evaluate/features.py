@@ -72,10 +72,12 @@ def read_run_checkpoint(run: str | Path) -> dict:
     return ckpt
 
 
-def load_encoder(run: str, image_size: int | None = None, seed: int = 0) -> Encoder:
-    """``run`` is a run directory, a checkpoint file, or ``random:BACKBONE`` (untrained baseline,
-    initialised with ``seed``; ``image_size`` picks its stem)."""
+def load_encoder(run: str | Path, image_size: int | None = None, seed: int = 0) -> Encoder:
+    """``run`` is a run directory, a checkpoint file (a ``str`` or a ``Path``, e.g. what
+    :func:`selfsup.pretrain` returns), or ``random:BACKBONE`` (untrained baseline, initialised with
+    ``seed``; ``image_size`` picks its stem)."""
     defaults = AugConfig()
+    run = str(run)
     if run.startswith("random:"):
         name = run.split(":", 1)[1]
         size = image_size or 32
