@@ -236,3 +236,57 @@ def test_evaluate_records_precise_bn_and_can_skip_it(tiny_dataset, tmp_path):
                    image_size=16, progress=False, precise_bn_stats=False)
     assert on["precise_bn"] == 64 and off["precise_bn"] == 0
     assert json.loads((tmp_path / "on" / "knn.json").read_text())["precise_bn"] == 64
+
+
+def test_holdout_split_is_stratified_disjoint_and_seeded():
+    from selfsup.evaluate import holdout_split
+
+    labels = np.array([0] * 10 + [1] * 5 + [-1] * 3 + [2] * 1)
+    tr, te = holdout_split(labels, 0.2)
+    # by hand: class 0 -> round(2.0) = 2 held out, class 1 -> round(1.0) = 1, class 2 (1 image) -> 1 (at least 1)
+    assert np.bincount(labels[te], minlength=3).tolist() == [2, 1, 1]
+    assert np.bincount(labels[tr], minlength=3).tolist() == [8, 4, 0]
+    assert not set(tr) & set(te) and set(tr) | set(te) == set(np.flatnonzero(labels >= 0))  # unlabeled: neither
+    again = holdout_split(labels, 0.2)
+    assert np.array_equal(again[1], te) and not np.array_equal(holdout_split(labels, 0.2, seed=1)[1], te)
+    with pytest.raises(ConfigError, match="test-fraction"):
+        holdout_split(labels, 1.0)
+
+
+def test_evaluation_on_any_labeled_folder(tmp_path):
+    """A train/ + val/ layout tests on val/; a plain class-folder tree with --test-fraction holds out
+    a stratified part of it; the same plain folder as train and test, a folder with no test split and
+    no test at all are refused in one line."""
+    from conftest import make_folder
+
+    from selfsup.cli import main
+    from selfsup.data import DataError
+
+    tv = tmp_path / "tv"
+    make_folder(tv / "train", 12, seed=0)
+    make_folder(tv / "val", 3, seed=1)
+    r = evaluate("random:convnet", "knn", tv, tv, out=tmp_path / "e1", image_size=16, k=5, progress=False)
+    assert r["test_split"] == "val" and r["n_test"] == 12 and r["n_train"] == 48
+
+    plain = make_folder(tmp_path / "plain", 8, seed=2)  # 4 classes x 8 images, no split folders
+    r = evaluate("random:convnet", "linear", plain, out=tmp_path / "e2", image_size=16, test_fraction=0.25,
+                 progress=False)
+    assert r["n_test"] == 8 and r["n_train"] == 24 and "held out" in r["test_split"]
+    with pytest.raises(ConfigError, match="would be the training images"):
+        evaluate("random:convnet", "knn", plain, plain, out=tmp_path / "e3", image_size=16, progress=False)
+    other = make_folder(tmp_path / "other", 2, seed=3)  # a plain folder of other images is a test set
+    assert evaluate("random:convnet", "knn", plain, other, out=tmp_path / "e4", image_size=16, k=5,
+                    progress=False)["n_test"] == 8
+
+    tu = tmp_path / "tu"
+    make_folder(tu / "train", 2, seed=4)
+    make_folder(tu / "unlabeled", 2, seed=5)
+    with pytest.raises(DataError, match="--test-split"):
+        evaluate("random:convnet", "knn", tu, tu, out=tmp_path / "e5", image_size=16, progress=False)
+    assert evaluate("random:convnet", "knn", tu, tu, out=tmp_path / "e6", image_size=16, k=3, progress=False,
+                    test_split="unlabeled")["n_test"] == 8
+    assert main(["evaluate", "random:convnet", "--protocol", "knn", "--train", str(plain), "--out",
+                 str(tmp_path / "e7"), "--no-progress"]) == 2
+    assert main(["evaluate", "random:convnet", "--protocol", "knn", "--train", str(plain), "--test-fraction",
+                 "0.5", "--image-size", "16", "--k", "5", "--out", str(tmp_path / "e8"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "e8" / "knn.json").read_text())["n_test"] == 16

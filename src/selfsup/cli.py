@@ -51,8 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate a pretrained (or random) backbone on labeled data")
     ev.add_argument("run", metavar="RUN_DIR", help="a run directory, or random:BACKBONE for the untrained baseline")
     ev.add_argument("--protocol", required=True, choices=PROTOCOLS)
-    ev.add_argument("--train", required=True, metavar="PATH", help="labeled training data (its train split)")
-    ev.add_argument("--test", required=True, metavar="PATH", help="labeled test data (its test split)")
+    ev.add_argument("--train", required=True, metavar="PATH", help="labeled training data: its train/ split, or the "
+                    "whole folder when it has no split sub-folders")
+    ev.add_argument("--test", metavar="PATH", help="labeled test data: its test/ split, else val/ (or valid/, "
+                    "validation/), or the whole folder when it has no split sub-folders")
+    ev.add_argument("--test-split", metavar="NAME", help="the split of --test to test on (default: test, else val)")
+    ev.add_argument("--test-fraction", type=float, metavar="F", help="no --test: hold out this fraction of each "
+                    "class of --train's images as the test set (stratified, seeded by --seed)")
     ev.add_argument("--out", metavar="DIR", help="where <protocol>.json goes (default RUN_DIR/eval; "
                     "<protocol>_<fraction>.json for finetune/pseudolabel/fixmatch)")
     ev.add_argument("--labels-per-class", type=int, help="train on this many labels per class (fixed seed)")
@@ -169,7 +174,8 @@ def _evaluate(args) -> int:
                  labels_per_class=args.labels_per_class, image_size=args.image_size, k=args.k,
                  temperature=args.temperature, device=args.device, seed=args.seed, progress=not args.no_progress,
                  fraction=args.fraction, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mu=args.mu,
-                 threshold=args.threshold, steps=args.steps, precise_bn_stats=not args.no_precise_bn)
+                 threshold=args.threshold, steps=args.steps, precise_bn_stats=not args.no_precise_bn,
+                 test_split=args.test_split, test_fraction=args.test_fraction)
     dest = Path(args.out) if args.out else Path(args.run) / "eval"
     n_train = f"{r['n_labeled']} labeled" if "n_labeled" in r else str(r["n_train"])
     print(f"{args.protocol} top-1: {r['top1']:.4f}  ({n_train} train / {r['n_test']} test images; "

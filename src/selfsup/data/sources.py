@@ -663,6 +663,31 @@ def _named_folder(name: str, download: bool) -> str:
 
 # --------------------------------------------------------------------------- entry point
 
+TEST_SPLIT_NAMES = ("test", "val", "valid", "validation")  # what evaluation tests on, in this order
+
+
+def default_test_split(spec: str) -> str:
+    """The split evaluation tests on when none is named: ``test``, except for an image folder without
+    ``test/``: the first of ``val/``, ``valid/``, ``validation/`` it has, or, when it has no split
+    sub-folders at all (a plain class-folder tree), the whole folder (split ``train``, so the test
+    images must then come from another folder than the training ones). Datasets and array folders
+    (CIFAR, STL-10, IDX, digits) have a ``test`` split."""
+    if _dataset_name(spec):
+        return "test"
+    path = os.path.abspath(os.path.expanduser(spec))
+    if not os.path.isdir(path) or _detect_below(path) is not None:
+        return "test"  # open_source says what is wrong with the path, or it is an array dataset
+    present = [d for d in SPLIT_FOLDER_NAMES if os.path.isdir(os.path.join(path, d))]
+    for name in TEST_SPLIT_NAMES:
+        if name in present:
+            return name
+    if present:
+        raise DataError(f"{path} has no test split (test/, val/, valid/ or validation/); it has "
+                        f"{', '.join(present)}: name one with --test-split, or hold out part of the training "
+                        f"images with --test-fraction")
+    return "train"
+
+
 def open_source(spec: str, split: str = "train", download: bool = False) -> Source:
     """Open a dataset split from a path or a dataset name (see the module docstring).
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..data import CachedImages, load_images
+from ..data import CachedImages, default_test_split, load_images
 from .features import Encoder, cached_features, extract_features, load_encoder, precise_bn
 from .knn import knn_predict, knn_top1
 from .features import extract_stage_features
@@ -89,6 +89,24 @@ def result_name(protocol: str, fraction: float | None = None) -> str:
     return f"{protocol}.json"
 
 
+def holdout_split(labels: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified, seeded split of one labeled set: ``(train_idx, test_idx)``, sorted and disjoint; of
+    every class ``round(fraction * its count)`` (half up, at least 1, at most all but 1 when the class
+    has 2 or more) go to test, the other labeled samples to train (unlabeled ones to neither). The draw
+    depends only on the labels and the seed, and is independent of :func:`fraction_subset`'s."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"--test-fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng([seed, 0x7E57])  # its own stream: not the labeled-fraction draw
+    train, test = [], []
+    for c in np.unique(labels[labels >= 0]):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n = min(max(1, int(np.floor(fraction * len(members) + 0.5))), max(1, len(members) - 1))
+        test.append(members[:n])
+        train.append(members[n:])
+    empty = np.zeros(0, dtype=np.int64)
+    return (np.sort(np.concatenate(train)) if train else empty, np.sort(np.concatenate(test)) if test else empty)
+
+
 def _labeled(spec: str, split: str, image_size: int, cache_dir: str | None, progress: bool) -> CachedImages:
     data = load_images(spec, split=split, image_size=image_size, cache_dir=cache_dir, progress=progress)
     if data.num_classes == 0 or (data.labels < 0).all():
@@ -97,21 +115,37 @@ def _labeled(spec: str, split: str, image_size: int, cache_dir: str | None, prog
     return data
 
 
-def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path, out: str | Path | None = None,
+def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path | None = None,
+             out: str | Path | None = None,
              labels_per_class: int | None = None, image_size: int | None = None, k: int = 200,
              temperature: float = 0.1, device: str = "auto", seed: int = 0, cache_dir: str | None = None,
              progress: bool = True, encoder: Encoder | None = None, fraction: float | None = None,
              epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
              mu: int | None = None, threshold: float | None = None, steps: int | None = None,
-             precise_bn_stats: bool = True) -> dict:
+             precise_bn_stats: bool = True, test_split: str | None = None,
+             test_fraction: float | None = None) -> dict:
     """Run one protocol and write its json; returns the result dict. ``fraction`` (default 1),
     ``epochs`` or ``steps``, ``batch_size``, ``lr`` and, for the semi-supervised ones, ``mu`` and ``threshold``
     (fixmatch) apply to the fraction protocols; None keeps their defaults (``finetune.py``, ``semi.py``).
 
     Frozen protocols first re-estimate the backbone's BatchNorm statistics on the evaluation views of
     the training images (:func:`selfsup.evaluate.features.precise_bn`; no labels), recorded as
-    ``precise_bn`` (images used) in the json; ``precise_bn_stats=False`` keeps the checkpoint's."""
-    run, train, test = str(run), str(train), str(test)  # Paths (what selfsup.pretrain returns) or strs
+    ``precise_bn`` (images used) in the json; ``precise_bn_stats=False`` keeps the checkpoint's.
+
+    Data: the ``train`` split of ``train`` (a folder's ``train/``, or the whole folder when it has no
+    split sub-folders) against ``test``'s ``test_split``, by default its ``test`` split, else ``val``
+    (:func:`selfsup.data.default_test_split`); or, with ``test_fraction`` and no other ``test``, a
+    stratified seeded hold-out of ``train``'s own labeled images (:func:`holdout_split`). Training
+    images are never tested on: the same folder as both is refused."""
+    run, train = str(run), str(train)  # Paths (what selfsup.pretrain returns) or strs
+    test = None if test is None else str(test)
+    if test_fraction is not None and test not in (None, train):
+        raise ConfigError("--test-fraction holds out part of --train's images as the test set; give no other --test")
+    if test_fraction is None and test is None:
+        raise ConfigError("evaluation needs test images: --test PATH (its test/ or val/ split, or the whole folder), "
+                          "or --test-fraction F to hold out a stratified part of --train's images")
+    if test_fraction is not None and test_split is not None:
+        raise ConfigError("--test-split names a split of --test; --test-fraction takes the test images from --train")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol '{protocol}'; choose one of: {', '.join(PROTOCOLS)}")
     if protocol in FRACTION_PROTOCOLS:
@@ -136,15 +170,26 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
     t0 = time.perf_counter()
     encoder = encoder or load_encoder(run, image_size=image_size, seed=seed)
     size = encoder.spec["image_size"]
-    tr = _labeled(train, "train", size, cache_dir, progress)
-    te = _labeled(test, "test", size, cache_dir, progress)
+    if test_fraction is not None:
+        full = _labeled(train, "train", size, cache_dir, progress)
+        tr_idx, te_idx = holdout_split(full.labels, test_fraction, seed)
+        tr, te = full.subset(tr_idx), full.subset(te_idx)
+        test, test_split = train, f"{test_fraction:g} held out of train (stratified, seed {seed})"
+    else:
+        test_split = test_split or default_test_split(test)
+        tr = _labeled(train, "train", size, cache_dir, progress)
+        te = _labeled(test, test_split, size, cache_dir, progress)
+        if te.source == tr.source:
+            raise ConfigError(f"the test images would be the training images ({tr.source}): give a --test folder "
+                              f"with a test/ or val/ split, another folder, or --test-fraction F")
     if labels_per_class:
         tr = tr.subset(balanced_subset(tr.labels, labels_per_class, seed))
     if tr.classes != te.classes:
         log.warning("train and test class lists differ: %s vs %s", tr.classes, te.classes)
     num_classes = max(tr.num_classes, te.num_classes)
     ytr, yte = torch.from_numpy(tr.labels).long(), torch.from_numpy(te.labels).long()
-    result = {"protocol": protocol, "run": run, "train": train, "test": test, "n_train": len(tr),
+    result = {"protocol": protocol, "run": run, "train": train, "test": test, "test_split": test_split,
+              "n_train": len(tr),
               "n_test": len(te), "num_classes": num_classes, "labels_per_class": labels_per_class,
               "backbone": encoder.spec}
     if protocol not in FRACTION_PROTOCOLS:
@@ -193,7 +238,7 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
     return result
 
 
-__all__ = ["PROTOCOLS", "Encoder", "balanced_subset", "evaluate", "fraction_subset", "result_name",
+__all__ = ["PROTOCOLS", "Encoder", "balanced_subset", "evaluate", "fraction_subset", "holdout_split", "result_name",
            "extract_features", "extract_stage_features",
            "knn_predict", "knn_top1", "linear_probe", "load_encoder", "retrieval_scores"]
 
