@@ -41,7 +41,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps for each side")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 where the hardware has it natively (selfsup.runtime.resolve_precision)")
     a = p.parse_args()
 
     data = load_images(a.data, "train", a.image_size)
@@ -66,7 +67,7 @@ def main() -> None:
     xb = torch.randn(views, 3, a.image_size, a.image_size, device=dev).contiguous(memory_format=torch.channels_last)
 
     def bare_step():
-        with autocast(dev, a.precision):
+        with autocast(dev, trainer.precision):
             loss = backbone(xb).float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -100,7 +101,7 @@ def main() -> None:
     sync(dev)
     aug_ms = 1000 * (time.perf_counter() - t0) / a.steps
 
-    print(f"device: {dev} ({torch.get_num_threads()} threads), precision {a.precision}, method {a.method}, "
+    print(f"device: {dev} ({torch.get_num_threads()} threads), precision {trainer.precision}, method {a.method}, "
           f"backbone {a.backbone}, {a.image_size}px, batch {a.batch_size} images = {views} encoder images")
     print(f"end-to-end: {e2e:.1f} encoder img/s ({e2e / method.views_per_image:.1f} source img/s)")
     print(f"bare backbone fwd+bwd+step: {bound:.1f} img/s")

@@ -68,7 +68,7 @@ class TrainConfig:
     batch_size: int = 256
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "bf16"  # bf16 (autocast) | fp32
+    precision: str = "auto"  # auto (bf16 where native, fp16 + scaler on older GPUs, else fp32) | bf16 | fp16 | fp32
     channels_last: bool = True
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_every: int = 0  # also keep every N-th step's checkpoint as checkpoints/step_<N>.pt (0: only last + previous)
@@ -252,8 +252,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unknown backbone '{cfg.model.backbone}'; choose one of {', '.join(BACKBONES)}")
     if cfg.optim.name not in ("sgd", "lars", "adamw"):
         raise ConfigError(f"unknown optimizer '{cfg.optim.name}'; choose sgd, lars or adamw")
-    if cfg.train.precision not in ("bf16", "fp32"):
-        raise ConfigError(f"unknown precision '{cfg.train.precision}'; choose bf16 or fp32")
+    if cfg.train.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"unknown precision '{cfg.train.precision}'; choose auto, bf16, fp16 or fp32")
     for name, v in (("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size),
                     ("data.image_size", cfg.data.image_size), ("train.ckpt_every", cfg.train.ckpt_every),
                     ("train.log_every", cfg.train.log_every)):

@@ -1,4 +1,4 @@
-"""Where and how tensors run: device choice, bf16 autocast, and embedding images with a backbone.
+"""Where and how tensors run: device choice, precision by capability (autocast), and embedding images with a backbone.
 
 Shared by the training loop (per-epoch health, ``train.py``) and evaluation (``evaluate/``).
 """
@@ -6,6 +6,8 @@ Shared by the training loop (per-epoch health, ``train.py``) and evaluation (``e
 from __future__ import annotations
 
 import contextlib
+import functools
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -25,18 +27,71 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX512-BF16 / AMX-BF16; aarch64 BF16
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``flags`` / ``Features`` lines of /proc/cpuinfo); empty where that
+    cannot be read (macOS, Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")) and ":" in line:
+            flags.update(line.split(":", 1)[1].split())
+    return frozenset(flags)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def resolve_precision(device: torch.device, requested: str = "auto") -> tuple[str, str]:
+    """``(precision, why)`` for ``train.precision=requested`` on ``device``. ``auto``: bf16 autocast
+    only where the hardware computes in bf16 natively (CUDA compute capability >= 8.0; a CPU with
+    AVX512-BF16, AMX-BF16 or aarch64 BF16: elsewhere bf16 is emulated and slower than fp32), fp16
+    with a gradient scaler on older GPUs, fp32 otherwise. ``bf16``, ``fp16`` and ``fp32`` are honoured
+    as asked."""
+    if requested not in PRECISIONS:
+        raise ConfigError(f"unknown precision '{requested}'; choose one of {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return requested, f"train.precision={requested}"
+    if device.type == "cuda":
+        major, minor = cuda_capability(device)
+        if (major, minor) >= (8, 0):
+            return "bf16", f"CUDA compute capability {major}.{minor} computes in bf16"
+        return "fp16", f"CUDA compute capability {major}.{minor} has no native bf16: fp16 with a gradient scaler"
+    if device.type == "cpu":
+        native = sorted(cpu_flags() & _CPU_BF16_FLAGS)
+        if native:
+            return "bf16", f"the CPU has {', '.join(native)}"
+        return "fp32", "the CPU has no native bf16 (AVX512-BF16, AMX or BF16): emulated bf16 is slower than fp32"
+    return "fp32", f"{device.type} device"
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CPU and CUDA (fp32 when asked, or on GPUs without bf16)."""
-    if precision != "bf16":
+    """Autocast to the precision :func:`resolve_precision` picks (``auto``) or to the one asked:
+    bf16 or fp16 (the caller scales the loss: :func:`grad_scaler`); fp32 is no autocast."""
+    precision = resolve_precision(device, precision)[0]
+    if precision == "fp32":
         return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """A gradient scaler when training runs in fp16 (its small range underflows gradients), else None."""
+    if resolve_precision(device, precision)[0] != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 @torch.no_grad()
 def embed(backbone: nn.Module, images: np.ndarray, view: AugConfig, device: torch.device,
-          precision: str = "bf16", batch_size: int = 256, input_mode: str = "rgb",
+          precision: str = "auto", batch_size: int = 256, input_mode: str = "rgb",
           head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Pooled features ``(N, D)`` (float32, on the CPU) of uint8 NHWC images, through the
     deterministic evaluation view (resize + normalise, or the L channel for ``input_mode="lab_l"``).

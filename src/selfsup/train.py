@@ -7,7 +7,7 @@ What a run does (``pretrain``)::
     for step in range(start, total_steps):
         x     = next batch of uint8 images, in a seeded order per epoch, prefetched by a thread
         batch = method.prepare(x, generator(seed, step))                # views + pseudo labels, on device
-        with autocast(bf16): out = method.training_step(batch)          # forward + loss
+        with autocast(precision): out = method.training_step(batch)     # forward + loss
         out["loss"].backward(); optimizer.step()                        # lr = warm-up + cosine
         log to metrics.csv every log_every steps; checkpoint every ckpt_every steps
 
@@ -65,7 +65,7 @@ from .data import CachedImages, load_images
 from .methods import Method, get_method
 from .monitor import collapse_warning, embedding_health
 from .optim import build_optimizer, lr_factor, warmup_steps_for
-from .runtime import autocast, embed, resolve_device, step_generator
+from .runtime import autocast, embed, grad_scaler, resolve_device, resolve_precision, step_generator
 
 log = logging.getLogger("selfsup")
 
@@ -258,6 +258,10 @@ class Trainer:
         self.is_main = self.rank == 0  # only rank 0 writes checkpoints, metrics and figures
         self.progress = progress and self.is_main
         self.device = resolve_device(device)
+        self.precision, why = resolve_precision(self.device, cfg.train.precision)
+        self.scaler = grad_scaler(self.device, self.precision)  # fp16 only
+        if self.is_main:
+            log.info("precision %s (%s)", self.precision, why)
         if cfg.train.batch_size % self.world_size:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be divisible by "
                               f"the {self.world_size} processes")
@@ -325,6 +329,7 @@ class Trainer:
             "backbone_spec": self.method.backbone_spec(),
             "model": self.method.state_dict(),
             "optimizers": {p: opt.state_dict() for p, opt in self.optimizers.items()},
+            **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
             "step": self.step,
             "elapsed": self.elapsed,
             "rng": {"torch": torch.get_rng_state(),
@@ -364,6 +369,8 @@ class Trainer:
             states = ckpt["optimizers"] if "optimizers" in ckpt else {"main": ckpt["optimizer"]}  # version 1
             for p, opt in self.optimizers.items():
                 opt.load_state_dict(states[p])
+            if self.scaler is not None and "grad_scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["grad_scaler"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{path}: does not fit this run's model ({str(e).splitlines()[0][:200]})") from None
         self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
@@ -389,28 +396,39 @@ class Trainer:
         batch = self.method.prepare(images, step_generator(self.device, self.cfg.train.seed, step, self.rank))
         phases = self.method.phases
         if len(phases) == 1:
-            with autocast(self.device, self.cfg.train.precision):
+            with autocast(self.device, self.precision):
                 out = self.method.training_step(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            self._sync(self.optimizer)
-            self.optimizer.step()
+            self._backward_step(self.optimizer, out["loss"])
+            if self.scaler is not None:
+                self.scaler.update()
             self.method.after_step(step, self.total_steps)
             return {k: v.detach() for k, v in out.items()}
         logged: dict[str, torch.Tensor] = {}
         for phase in phases:  # e.g. a GAN: discriminator step, then generator step
             opt = self.optimizers[phase]
-            with autocast(self.device, self.cfg.train.precision):
+            with autocast(self.device, self.precision):
                 out = self.method.phase_step(batch, phase)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            self._sync(opt)
-            opt.step()
+            self._backward_step(opt, out["loss"])
             for k, v in out.items():
                 logged[f"loss_{phase}" if k == "loss" else k] = v.detach()
+        if self.scaler is not None:
+            self.scaler.update()  # once per step, after every phase's optimizer (torch's AMP recipe)
         logged["loss"] = sum(logged[f"loss_{p}"] for p in phases)
         self.method.after_step(step, self.total_steps)
         return {"loss": logged.pop("loss"), **logged}
+
+    def _backward_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """Gradients of ``loss`` (scaled in fp16, where the scaler also skips a step whose gradients
+        overflowed), averaged over processes, then ``opt``'s step."""
+        opt.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self._sync(opt)
+            opt.step()
+            return
+        self.scaler.scale(loss).backward()
+        self._sync(opt)
+        self.scaler.step(opt)
 
     def _sync(self, opt: torch.optim.Optimizer) -> None:
         """Distributed: average this optimizer's gradients over processes (see distributed.py)."""
@@ -420,7 +438,7 @@ class Trainer:
     def health(self) -> dict[str, float]:
         """Collapse indicators of the backbone's features on the fixed subset (see monitor.py)."""
         feats = embed(self.method.encoder, self.data.images[self.health_idx], self.cfg.aug, self.device,
-                      self.cfg.train.precision, input_mode=self.method.input_mode)
+                      self.precision, input_mode=self.method.input_mode)
         return embedding_health(feats)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -553,7 +571,7 @@ class Trainer:
         snapshot = (copy.deepcopy(self.method.state_dict()),
                     {p: copy.deepcopy(o.state_dict()) for p, o in self.optimizers.items()},
                     torch.get_rng_state(), torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-                    self.step, self.elapsed)
+                    self.step, self.elapsed, copy.deepcopy(self.scaler.state_dict()) if self.scaler else None)
         epoch_work = time.perf_counter() - self._epoch_started if hasattr(self, "_epoch_started") else 0.0
         times: list[float] = []
         probe_limit = min(max(1.5 * PLAN_MIN_SECONDS, 0.03 * budget), 0.1 * budget)  # seconds of rehearsal at most
@@ -589,7 +607,9 @@ class Trainer:
             self.draw_figures()
         figures_s = time.perf_counter() - t0
         # roll back: the measured steps were a rehearsal
-        model, opts, rng, cuda_rng, self.step, self.elapsed = snapshot
+        model, opts, rng, cuda_rng, self.step, self.elapsed, scaler = snapshot
+        if scaler is not None:
+            self.scaler.load_state_dict(scaler)
         self.method.load_state_dict(model)
         for p, o in self.optimizers.items():
             o.load_state_dict(opts[p])

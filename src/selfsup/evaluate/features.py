@@ -28,7 +28,7 @@ class Encoder:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     name: str  # "random:resnet18" or the run directory
-    precision: str = "bf16"
+    precision: str = "auto"
     input_mode: str = "rgb"  # what the backbone was trained to see (spec["input"])
 
 

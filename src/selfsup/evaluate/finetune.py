@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.views import AugConfig, augment_input
-from ..runtime import autocast, embed, resolve_device
+from ..runtime import autocast, embed, grad_scaler, resolve_device
 from ..runtime import step_generator
 from .features import Encoder
 
@@ -119,7 +119,7 @@ def load_batch(images: np.ndarray, idx: np.ndarray, device: torch.device) -> tor
 def train_classifier(model: Classifier, images: np.ndarray, labels: np.ndarray, step_loss: StepLoss, *,
                      unlabeled: np.ndarray | None = None, mu: int = 7, epochs: int | None = None,
                      steps: int | None = None, batch_size: int = 64, lr: float = 0.03, backbone_lr: float | None = None,
-                     weight_decay: float = 5e-4, device: torch.device | str = "auto", precision: str = "bf16",
+                     weight_decay: float = 5e-4, device: torch.device | str = "auto", precision: str = "auto",
                      seed: int = 0, name: str = "finetune") -> dict:
     """Train ``model`` in place; the shared loop of fine-tuning and the semi-supervised protocols.
 
@@ -148,6 +148,7 @@ def train_classifier(model: Classifier, images: np.ndarray, labels: np.ndarray, 
     labeled_stream = IndexStream(len(images), batch_size, seed)
     unlabeled_stream = IndexStream(n_unlabeled, mu * batch_size, seed + 1) if n_unlabeled else None
 
+    scaler = grad_scaler(device, precision)
     records = []
     for step in range(total):
         idx = labeled_stream.next()
@@ -159,8 +160,13 @@ def train_classifier(model: Classifier, images: np.ndarray, labels: np.ndarray, 
         with autocast(device, precision):
             loss, record = step_loss(model, xl, yl, xu, step_generator(device, seed, step), step, total)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:  # fp16: scaled loss; a step whose gradients overflowed is skipped
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         sched.step()
         record = {"loss": loss.detach(), **{k: v.detach() for k, v in record.items()}}
         if uidx is not None:
