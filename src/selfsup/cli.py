@@ -1,4 +1,4 @@
-"""Command line: ``selfsup {pretrain,evaluate,embed,export,report,compare,demo,methods}``. Thin: parses arguments, calls the API."""
+"""Command line: ``selfsup {pretrain,evaluate,predict,embed,export,report,compare,demo,methods}``. Thin: parses arguments, calls the API."""
 
 from __future__ import annotations
 
@@ -98,6 +98,20 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--device", default="auto")
     em.add_argument("--no-progress", action="store_true")
 
+    pr = sub.add_parser("predict", help="classify a folder of images with a classifier that evaluate kept "
+                        "(linear, finetune, ...): a CSV of file, class, confidence, top-k")
+    pr.add_argument("run", metavar="RUN_DIR", help="a run directory (its eval/ folder), an evaluation --out folder, "
+                    "or a .classifier.safetensors file")
+    pr.add_argument("--data", required=True, metavar="PATH", help="images to classify (folder or dataset)")
+    pr.add_argument("--classifier", metavar="NAME", help="which kept classifier, e.g. linear or finetune_0.1 "
+                    "(default: the only one, else linear)")
+    pr.add_argument("--out", metavar="FILE", help="the CSV (default RUN_DIR/predictions.csv)")
+    pr.add_argument("--split", default="train", help="which split of PATH (default train; a plain folder is "
+                    "taken whole)")
+    pr.add_argument("--top-k", type=int, default=5, help="classes listed per image with their probabilities (5)")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--no-progress", action="store_true")
+
     ex = sub.add_parser("export", help="write the trained backbone alone (safetensors or torchvision)")
     ex.add_argument("run", metavar="RUN_DIR", help="a run directory (or checkpoint)")
     ex.add_argument("--format", default="safetensors", choices=["safetensors", "torchvision"],
@@ -192,6 +206,19 @@ def _embed(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from .evaluate.classifier import find_classifier, predict_folder
+
+    path = find_classifier(args.run, args.classifier)
+    where = Path(args.run)
+    out = args.out or ((where if where.is_dir() else where.parent) / "predictions.csv")
+    r = predict_folder(path, args.data, out, split=args.split, device=args.device, top_k=args.top_k,
+                       progress=not args.no_progress)
+    acc = f"; top-1 {r['top1']:.4f} against the folder's labels" if "top1" in r else ""
+    print(f"predicted {r['n']} images with {path} ({r['classes']} classes){acc}; written to {r['csv']}")
+    return 0
+
+
 def _export(args) -> int:
     from .export import export
 
@@ -241,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="selfsup: %(message)s", level=logging.INFO)
     args = _parser().parse_args(argv)
     handlers = {"pretrain": _pretrain, "evaluate": _evaluate, "demo": _demo, "methods": _methods,
-                "embed": _embed, "export": _export, "report": _report, "compare": _compare}
+                "embed": _embed, "predict": _predict, "export": _export, "report": _report, "compare": _compare}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError) as e:

@@ -43,6 +43,7 @@ import torch
 
 from ..config import ConfigError
 from ..data import CachedImages, default_test_split, load_images
+from .classifier import class_scores, classifier_path, load_classifier, predict_folder, save_classifier
 from .features import Encoder, cached_features, extract_features, load_encoder, precise_bn
 from .knn import knn_predict, knn_top1
 from .features import extract_stage_features
@@ -187,6 +188,7 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
     if tr.classes != te.classes:
         log.warning("train and test class lists differ: %s vs %s", tr.classes, te.classes)
     num_classes = max(tr.num_classes, te.num_classes)
+    class_names = list(tr.classes if tr.num_classes >= te.num_classes else te.classes)
     ytr, yte = torch.from_numpy(tr.labels).long(), torch.from_numpy(te.labels).long()
     result = {"protocol": protocol, "run": run, "train": train, "test": test, "test_split": test_split,
               "n_train": len(tr),
@@ -199,9 +201,12 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
     if protocol in FRACTION_PROTOCOLS:
         options = {k: v for k, v in dict(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, mu=mu,
                                          threshold=threshold).items() if v is not None}
-        r, _ = fraction_protocol(protocol, encoder, tr.images, tr.labels, fraction_subset(tr.labels, fraction, seed),
-                                 te.images, te.labels, num_classes, device=device, seed=seed, **options)
+        r, model = fraction_protocol(protocol, encoder, tr.images, tr.labels,
+                                     fraction_subset(tr.labels, fraction, seed), te.images, te.labels, num_classes,
+                                     device=device, seed=seed, classes=class_names, **options)
         result.update(fraction=fraction, **r)
+        result["classifier"] = str(save_classifier(classifier_path(out, result_name(protocol, fraction)),
+                                                   model.backbone, model.head, class_names, encoder, protocol))
         log.info("%s (fraction %g: %d labels): top-1 %.4f", protocol, fraction, r["n_labeled"], r["top1"])
     elif protocol == "layers":
         str_, ste = extract_stage_features(encoder, tr.images, device), extract_stage_features(encoder, te.images, device)
@@ -216,8 +221,9 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
         ftr = cached_features(encoder, tr.images, device, cache_dir)
         fte = cached_features(encoder, te.images, device, cache_dir)
         if protocol == "knn":
-            result.update(top1=knn_top1(ftr, ytr, fte, yte, num_classes, k, temperature), k=k,
-                          temperature=temperature)
+            pred = knn_predict(ftr, ytr, fte, num_classes, k, temperature)
+            result.update(top1=float((pred == yte).float().mean()), k=k, temperature=temperature,
+                          **class_scores(pred, yte, class_names))
         elif protocol == "robustness":
             from .robustness import robustness
 
@@ -227,7 +233,11 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
             result.update(robustness(encoder, ftr, ytr, te.images[idx], yte[torch.from_numpy(idx)], num_classes,
                                      device, seed), n_test=len(idx))
         elif protocol == "linear":
-            result.update(linear_probe(ftr, ytr, fte, yte, num_classes, seed=seed))
+            r, predict = linear_probe(ftr, ytr, fte, yte, num_classes, seed=seed, return_model=True)
+            result.update(r, **class_scores(predict(fte).argmax(1), yte, class_names))
+            result["classifier"] = str(save_classifier(
+                classifier_path(out, result_name(protocol)), encoder.backbone, predict.head, class_names, encoder,
+                protocol, predict.mean, predict.std))
         else:
             r = retrieval_scores(ftr, ytr, fte, yte)
             result.update(top1=r["precision@1"], **r)
@@ -240,7 +250,8 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
 
 __all__ = ["PROTOCOLS", "Encoder", "balanced_subset", "evaluate", "fraction_subset", "holdout_split", "result_name",
            "extract_features", "extract_stage_features",
-           "knn_predict", "knn_top1", "linear_probe", "load_encoder", "retrieval_scores"]
+           "knn_predict", "knn_top1", "linear_probe", "load_encoder", "retrieval_scores",
+           "class_scores", "load_classifier", "predict_folder", "save_classifier"]
 
 
 class _CallableModule(types.ModuleType):

@@ -77,7 +77,8 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     """Returns ``{"top1": test accuracy, "train_top1", "weight_decay": chosen, "val_top1": {wd: acc}}``.
     With a single weight decay (or too few samples for a validation split) no selection is made.
     With ``return_model`` returns ``(result, predict)``: ``predict(features) -> logits`` applies the
-    training standardisation and the trained head to new (e.g. corrupted) features."""
+    training standardisation and the trained head to new (e.g. corrupted) features; its attributes
+    ``head``, ``mean`` and ``std`` are those pieces."""
     mean = train_features.mean(0, keepdim=True)
     std = train_features.std(0, keepdim=True).clamp_min(1e-6) if len(train_features) > 1 else 1.0
     xtr = (train_features - mean) / std
@@ -104,4 +105,5 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     def predict(features: torch.Tensor) -> torch.Tensor:
         return head((features - mean) / std)
 
+    predict.head, predict.mean, predict.std = head, mean, std  # what a kept classifier saves
     return result, predict

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data.views import AugConfig, augment_input, cutout, sample_cutout_boxes
+from .classifier import class_scores
 from .features import Encoder
 from .finetune import (Classifier, default_backbone_lr_ratio, finetune, new_classifier, predict_logits,
                        train_classifier, weak_view)
@@ -177,11 +178,13 @@ def pseudo_label_stats(history: dict, true_labels: np.ndarray, tail: float = 0.1
 
 def fraction_protocol(protocol: str, encoder: Encoder, train_images: np.ndarray, train_labels: np.ndarray,
                       labeled_idx: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray, num_classes: int,
-                      device: torch.device | str = "auto", seed: int = 0, **options) -> tuple[dict, Classifier]:
+                      device: torch.device | str = "auto", seed: int = 0, classes: list[str] | None = None,
+                      **options) -> tuple[dict, Classifier]:
     """Run ``finetune``, ``pseudolabel`` or ``fixmatch`` with the training images at ``labeled_idx`` as
     the labeled set (the rest is unlabeled for the semi-supervised ones: passed as images only) and
     measure top-1 on the test set. ``options`` go to the protocol's function (epochs, steps, batch_size, lr,
-    mu, threshold, ...). Returns (result dict, trained classifier)."""
+    mu, threshold, ...). Returns (result dict, trained classifier); with ``classes`` the result also
+    has per-class top-1 and the confusion matrix (:func:`selfsup.evaluate.classifier.class_scores`)."""
     labeled_idx = np.asarray(labeled_idx, dtype=np.int64)
     unlabeled_idx = np.setdiff1d(np.arange(len(train_labels)), labeled_idx)
     images, labels = np.asarray(train_images[labeled_idx]), np.asarray(train_labels)[labeled_idx]
@@ -203,4 +206,6 @@ def fraction_protocol(protocol: str, encoder: Encoder, train_images: np.ndarray,
               "final_loss": round(float(history["loss"][-max(1, len(history["loss"]) // 10):].mean()), 4), **info}
     if protocol != "finetune":
         result.update(pseudo_label_stats(history, np.asarray(train_labels)[unlabeled_idx]))
+    if classes is not None:
+        result.update(class_scores(logits.argmax(1), y, classes))
     return result, model
