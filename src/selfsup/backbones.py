@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 BACKBONES = ("resnet18", "resnet50", "convnet", "vit_tiny", "vit_small", "vit_micro")
@@ -169,9 +170,62 @@ class ViT(Backbone):
         return maps
 
 
+class PatchEncoder(Backbone):
+    """The single layer of the ``patches`` method (Thiry et al. 2021, Coates & Ng 2011): every
+    ``patch`` x ``patch`` window of the image is whitened and compared with a dictionary of ``k``
+    whitened patches; its code is 1 for the ``q`` nearest atoms (Thiry's one-hot of the q nearest
+    neighbours), once for the window and once for its negative; the codes are average-pooled to a
+    ``grid`` x ``grid`` map. ``out_dim = 2 * k * grid**2``. No trainable weights: the buffers are
+    fitted from the data by :class:`selfsup.methods.patches.Patches`.
+
+    With ``W`` the whitening, ``mu`` the patch mean and ``p_j`` the atoms, the squared whitened
+    distance is ``|W(x - mu) - W(p_j - mu)|^2 = |W(x - mu)|^2 - 2 c_j + n_j`` with
+    ``c_j = <x - mu, W^T W (p_j - mu)>`` (a convolution with ``kernel`` plus ``bias``) and
+    ``n_j = |W(p_j - mu)|^2`` (``norms``), so the nearest atoms of ``x`` are those of largest
+    ``c_j - n_j / 2``, and those of ``-x`` (in centred whitened space) of largest ``-c_j - n_j / 2``."""
+
+    CHUNK = 32  # images encoded at once (the code map is 2k x 27 x 27 floats per image)
+
+    def __init__(self, image_size: int = 32, in_chans: int = 3, k: int = 1024, patch: int = 6, q: int = 410,
+                 grid: int = 2) -> None:
+        super().__init__()
+        if not 1 <= q < k or patch > image_size or grid < 1:
+            raise ValueError(f"patches: need 1 <= q < k (got q={q}, k={k}), patch <= image size, grid >= 1")
+        self.k, self.patch, self.q, self.grid = k, patch, q, grid
+        self.register_buffer("kernel", torch.zeros(k, in_chans, patch, patch))
+        self.register_buffer("bias", torch.zeros(k))
+        self.register_buffer("norms", torch.zeros(k))
+        self.stage_names = ["codes"]
+        self.stage_dims = [2 * k]
+        self.out_dim = 2 * k * grid * grid
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 2k, H - patch + 1, W - patch + 1)``: the q-nearest-atom codes of every window of ``x``
+        (first k channels) and of its negative (last k), in float32."""
+        with torch.autocast(x.device.type, enabled=False):
+            c = F.conv2d(x.float(), self.kernel, self.bias)  # (B, k, h, w)
+            half = self.norms.view(1, -1, 1, 1) / 2
+            out = []
+            for score in (c - half, -c - half):
+                kth = score.topk(self.q, dim=1).values[:, -1:]  # the q-th largest score per window
+                out.append((score >= kth).float())
+            return torch.cat(out, dim=1)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.codes(x)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = [F.adaptive_avg_pool2d(self.codes(part), self.grid).flatten(1) for part in x.split(self.CHUNK)]
+        return torch.cat(pooled) if pooled else x.new_zeros(0, self.out_dim)
+
+
 def build_backbone(name: str, image_size: int = 32, small_stem: bool | None = None,
-                   in_chans: int = 3) -> Backbone:
-    """Build a randomly initialised backbone. ``small_stem=None`` picks it for images <= 64 px."""
+                   in_chans: int = 3, options: dict | None = None) -> Backbone:
+    """Build a randomly initialised backbone. ``small_stem=None`` picks it for images <= 64 px.
+    ``patches`` (the ``patches`` method's fitted layer, not a choice for the other methods) takes its
+    sizes from ``options`` (``k``, ``patch``, ``q``, ``grid``), as stored in its backbone spec."""
+    if name == "patches":
+        return PatchEncoder(image_size, in_chans, **(options or {}))
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
     if name == "convnet":
@@ -183,8 +237,12 @@ def build_backbone(name: str, image_size: int = 32, small_stem: bool | None = No
     return ResNet(name, small_stem=small_stem, in_chans=in_chans)
 
 
-def backbone_spec(name: str, image_size: int, small_stem: bool | None, in_chans: int = 3) -> dict:
+def backbone_spec(name: str, image_size: int, small_stem: bool | None, in_chans: int = 3,
+                  options: dict | None = None) -> dict:
     """What is needed to rebuild the same architecture (stored in checkpoints and exports)."""
     if small_stem is None and name.startswith("resnet"):
         small_stem = image_size <= 64
-    return {"name": name, "image_size": image_size, "small_stem": bool(small_stem), "in_chans": in_chans}
+    spec = {"name": name, "image_size": image_size, "small_stem": bool(small_stem), "in_chans": in_chans}
+    if options:
+        spec["options"] = dict(options)
+    return spec

@@ -120,7 +120,8 @@ def _load_exported(path: Path):
         if meta is None:
             raise ConfigError(f"{path} has no selfsup metadata; was it written by `selfsup export`?")
         spec = meta["spec"]
-        model = build_backbone(spec["name"], spec["image_size"], spec["small_stem"], spec.get("in_chans", 3))
+        model = build_backbone(spec["name"], spec["image_size"], spec["small_stem"], spec.get("in_chans", 3),
+                               spec.get("options"))
         model.load_state_dict(load_file(str(path)))
     else:
         meta_path = path.with_suffix(".json")

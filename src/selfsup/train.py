@@ -459,10 +459,37 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
 
+    def fit_closed_form(self) -> Path:
+        """A method without phases (``patches``) is fitted from the data in one pass, no gradient: the
+        fit is the run's one step (metrics row, health, checkpoint, figures); a time budget has
+        nothing to size. On ``--resume`` a fitted run is complete."""
+        if bool(getattr(self.method, "fitted", False)):
+            log.info("run already complete (%s is fitted)", self.cfg.method)
+            return self.run_dir
+        if self.budget is not None:
+            log.info("%s is fitted in one pass without gradient steps: the time budget %s is not used",
+                     self.cfg.method, format_duration(self.budget))
+        t0 = time.perf_counter()
+        info = self.method.fit(self.data.images, self.device, self.cfg.train.seed)
+        self.step, self.total_steps = 1, 1
+        self.elapsed = time.perf_counter() - t0
+        if self.is_main:
+            h = self.health()
+            self.metrics.write({"step": 1, "epoch": 1.0, **{k: round(float(v), 6) for k, v in info.items()},
+                                "elapsed_s": round(self.elapsed, 2), "feat_std": f"{h['feat_std']:.4g}",
+                                "rankme": f"{h['rankme']:.4g}"})
+            log.info("%s fitted in %.1f s: %s", self.cfg.method, self.elapsed,
+                     ", ".join(f"{k} {float(v):.4g}" for k, v in info.items()))
+            self.save()
+            self.draw_figures()
+        return self.run_dir
+
     def fit(self) -> Path:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        if not self.method.phases:
+            return self.fit_closed_form()
         if self.planned and self.step >= self.total_steps:
             log.info("run already complete (%d steps)", self.step)
             return self.run_dir

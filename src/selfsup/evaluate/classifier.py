@@ -101,7 +101,8 @@ def load_classifier(path: str | Path) -> tuple[SavedClassifier, dict]:
         if not isinstance(meta, dict) or "classes" not in meta:
             raise ConfigError(f"{path} is not a selfsup classifier (no class names in its metadata)")
         spec = meta["spec"]
-        backbone = build_backbone(spec["name"], spec["image_size"], spec["small_stem"], spec.get("in_chans", 3))
+        backbone = build_backbone(spec["name"], spec["image_size"], spec["small_stem"], spec.get("in_chans", 3),
+                                  spec.get("options"))
         model = SavedClassifier(backbone, len(meta["classes"]))
         model.load_state_dict(load_file(str(path)))
     except ConfigError:

@@ -90,7 +90,8 @@ def load_encoder(run: str | Path, image_size: int | None = None, seed: int = 0) 
     ckpt = read_run_checkpoint(run)
     spec = ckpt["backbone_spec"]
     try:
-        backbone = build_backbone(spec["name"], spec["image_size"], spec["small_stem"], spec["in_chans"])
+        backbone = build_backbone(spec["name"], spec["image_size"], spec["small_stem"], spec["in_chans"],
+                                  spec.get("options"))
         prefix = spec.get("weights", "backbone") + "."  # e.g. DINO's teacher_backbone
         state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
         backbone.load_state_dict(state)

@@ -16,6 +16,7 @@ from .jigsaw import Jigsaw
 from .mae import MAE
 from .moco_v2 import MoCoV2
 from .moco_v3 import MoCoV3
+from .patches import Patches
 from .relative_location import RelativeLocation
 from .rotation import Rotation
 from .simclr import SimCLR
@@ -32,6 +33,8 @@ METHODS: dict[str, type[Method]] = {
         Colorization, Inpainting, DCGAN, BiGAN, MAE,
         # joint-embedding
         SimCLR, MoCoV2, BYOL, SimSiam, BarlowTwins, VICReg, MoCoV3, SimCLRv2, Distill, SwAV, DINO,
+        # no gradient: a dictionary of whitened patches (the classic baseline)
+        Patches,
     )
 }
 

@@ -1,0 +1,97 @@
+"""The ``patches`` method (Thiry et al. 2021): whitening, patch sampling and the q-nearest-atom codes
+against hand computations; a run end to end (fit, checkpoint, resume, evaluate, export)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from selfsup.config import ConfigError, build_config
+from selfsup.methods.patches import Patches, sample_patches, whitening
+
+
+def test_whitening_makes_the_covariance_the_identity_and_eps_shrinks_it_by_hand():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=g)
+    x = torch.randn(20000, 6, generator=g, dtype=torch.float64) @ a.double() + 3.0
+    mu, w, evals = whitening(x, 0.0)
+    white = (x - mu) @ w
+    assert torch.allclose(white.T @ white / (len(x) - 1), torch.eye(6, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(w, w.T)  # ZCA: symmetric
+    # with eps: the whitened covariance has eigenvalues L / (L + eps * mean(L))
+    mu, w, evals = whitening(x, 0.5)
+    cov = ((x - mu) @ w).T @ ((x - mu) @ w) / (len(x) - 1)
+    expect = evals / (evals + 0.5 * evals.mean())
+    assert torch.allclose(torch.linalg.eigvalsh(cov), expect.sort().values, atol=1e-6)
+
+
+def test_sampled_patches_are_windows_of_the_images():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    patches = sample_patches(images, 50, 6, np.random.default_rng(1))
+    assert patches.shape == (50, 6, 6, 3)
+    windows = {images[i, y:y + 6, x:x + 6].tobytes() for i in range(5) for y in range(3) for x in range(3)}
+    assert all(p.tobytes() in windows for p in patches)
+    with pytest.raises(ConfigError, match="larger than"):
+        sample_patches(images, 5, 9, rng)
+
+
+def _method(**params):
+    cfg = build_config("patches", {"data": {"image_size": 8}, "train": {"device": "cpu"},
+                                   "params": {"num_atoms": 6, "patch_size": 3, "q_frac": 0.5, "fit_patches": 400,
+                                              **params}})
+    return Patches(cfg)
+
+
+def test_codes_are_the_q_nearest_atoms_of_every_window_and_of_its_negative():
+    m = _method()
+    images = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    m.fit(images, torch.device("cpu"), seed=0)
+    mu, w = m.whitening_
+    atoms = m.atoms.flatten(1).double()  # normalised atoms, conv layout (3, p, p)
+    white_atoms = (atoms - mu) @ w
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    codes = m.backbone.codes(x)
+    assert codes.shape == (2, 12, 6, 6)
+    for b in range(2):
+        for i in range(6):
+            for j in range(6):
+                v = (x[b, :, i:i + 3, j:j + 3].reshape(-1).double() - mu) @ w  # the whitened window
+                for sign, half in ((1, slice(0, 6)), (-1, slice(6, 12))):
+                    d = ((sign * v - white_atoms) ** 2).sum(1)
+                    expect = torch.zeros(6)
+                    expect[d.argsort()[:3]] = 1  # q = 0.5 * 6 = 3 nearest atoms
+                    assert torch.equal(codes[b, half, i, j], expect), (b, i, j, sign)
+    f = m.backbone(x)
+    assert f.shape == (2, m.backbone.out_dim) == (2, 2 * 6 * 4)
+    assert torch.allclose(f.view(2, 12, 2, 2), torch.nn.functional.adaptive_avg_pool2d(codes, 2))
+    with pytest.raises(ConfigError, match="q_frac"):
+        _method(q_frac=1.0)
+
+
+def test_a_patches_run_fits_once_evaluates_and_exports(tiny_dataset, tmp_path, capsys):
+    from selfsup.cli import main
+    from selfsup.evaluate import evaluate, extract_features, load_encoder
+    from selfsup.export import export, load_backbone
+    from selfsup.train import read_metrics
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--method", "patches", "--data", str(tiny_dataset / "train"), "--image-size", "16",
+                 "--out", str(run), "--no-progress", "--time", "1m", "params.num_atoms=64",
+                 "params.fit_patches=3000"]) == 0
+    rows = read_metrics(run)
+    assert len(rows) == 1 and float(rows[0]["loss"]) > 0 and float(rows[0]["rankme"]) > 1
+    assert (run / "figures" / "patches.png").stat().st_size > 2000
+    assert main(["pretrain", "--out", str(run), "--resume", "--no-progress"]) == 0  # complete: nothing redone
+
+    r = evaluate(run, "knn", tiny_dataset, tiny_dataset, k=5, progress=False)
+    assert r["backbone"]["name"] == "patches" and r["backbone"]["options"]["k"] == 64
+    assert r["top1"] > 0.6  # 4 classes (chance 0.25): the blobs' colours and shapes are in the codes
+    enc = load_encoder(run)
+    path = export(run)
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    model, meta = load_backbone(path, with_meta=True)
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) \
+        / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    assert torch.allclose(model(x), extract_features(enc, images, "cpu"), atol=1e-5)
