@@ -17,7 +17,7 @@ def test_methods_lists_one_line_per_method(capsys):
         "rotation", "jigsaw", "relative_location", "deepcluster",  # context-based
         "colorization", "inpainting", "dcgan", "bigan", "mae",  # generation-based
         "simclr", "moco_v2", "byol", "simsiam", "barlow_twins", "vicreg", "moco_v3", "simclr_v2", "distill",
-        "swav", "dino",  # joint-embedding
+        "swav", "dino", "emp_ssl",  # joint-embedding
         "patches"]  # no gradient
     families = {ln.split()[0]: ln.split()[1] for ln in lines}
     assert families["jigsaw"] == "[context-based]" and families["mae"] == "[generation-based]"

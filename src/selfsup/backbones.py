@@ -219,13 +219,51 @@ class PatchEncoder(Backbone):
         return torch.cat(pooled) if pooled else x.new_zeros(0, self.out_dim)
 
 
+class CropBag(Backbone):
+    """A backbone evaluated as a bag of crops (EMP-SSL, Tong et al. 2023: features averaged over many
+    patches of the image): ``forward`` is the mean of ``inner``'s pooled features over ``n`` crops of
+    ``scale`` of the image (square), resized to ``size``; the crops (boxes, and a flip for every other
+    one) are fixed by ``seed``, the same for every image, so features are deterministic and do not
+    depend on the batch. ``forward_stages`` is ``inner``'s on the whole image."""
+
+    def __init__(self, inner: Backbone, n: int = 16, scale: float = 0.25, size: int = 32, seed: int = 0) -> None:
+        super().__init__()
+        from .data.views import sample_crop_boxes
+
+        if n < 1 or not 0 < scale <= 1 or size < 1:
+            raise ValueError(f"crop bag: need n >= 1, scale in (0, 1], size >= 1 (got {n}, {scale}, {size})")
+        self.inner, self.n, self.size = inner, n, size
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("boxes", sample_crop_boxes(n, (scale, scale), (1.0, 1.0), g, "cpu"))
+        self.register_buffer("flips", torch.arange(n) % 2 == 1)
+        self.stage_names, self.stage_dims, self.out_dim = inner.stage_names, inner.stage_dims, inner.out_dim
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.inner.forward_stages(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .data.views import resized_crop
+
+        b = x.shape[0]
+        boxes = self.boxes.repeat_interleave(b, dim=0)  # crop-major: crop i of image j at i * b + j
+        flips = self.flips.repeat_interleave(b)
+        crops = resized_crop(x.float().repeat(self.n, 1, 1, 1), boxes, self.size, flips)
+        f = self.inner(crops.contiguous(memory_format=torch.channels_last))
+        return f.float().view(self.n, b, -1).mean(0)
+
+
 def build_backbone(name: str, image_size: int = 32, small_stem: bool | None = None,
                    in_chans: int = 3, options: dict | None = None) -> Backbone:
     """Build a randomly initialised backbone. ``small_stem=None`` picks it for images <= 64 px.
     ``patches`` (the ``patches`` method's fitted layer, not a choice for the other methods) takes its
-    sizes from ``options`` (``k``, ``patch``, ``q``, ``grid``), as stored in its backbone spec."""
+    sizes from ``options`` (``k``, ``patch``, ``q``, ``grid``), as stored in its backbone spec;
+    ``crop_bag`` (how ``emp_ssl`` is evaluated) wraps ``options["inner"]``."""
     if name == "patches":
         return PatchEncoder(image_size, in_chans, **(options or {}))
+    if name == "crop_bag":  # options: the inner backbone's name and the bag's n, scale, size, seed
+        opts = dict(options or {})
+        inner = build_backbone(opts.pop("inner"), image_size, small_stem, in_chans)
+        return CropBag(inner, **opts)
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
     if name == "convnet":

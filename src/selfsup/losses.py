@@ -405,3 +405,39 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
                 total = total - (pt[a] * log_ps[v]).sum(-1).mean()
                 pairs += 1
     return total / pairs
+
+
+# --------------------------------------------------------------------------------------------------
+# many-patch coding rate: EMP-SSL
+
+
+@_float32
+def total_coding_rate(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
+    """R(Z) = 1/2 logdet(I_d + d / (m eps) Z^T Z) of ``m`` embeddings ``z`` ``(m, d)`` (EMP-SSL, Tong et
+    al. 2023, Eq. 2, after MCR^2, Yu et al. 2020); as the reference code, ``eps`` divides directly
+    (the paper writes eps^2). Computed as logdet(I_m + d / (m eps) Z Z^T) when m < d (Sylvester's
+    determinant identity: the same value, a smaller matrix)."""
+    m, d = z.shape
+    z = z.float()
+    gram = z @ z.T if m < d else z.T @ z
+    eye = torch.eye(gram.shape[0], device=z.device, dtype=z.dtype)
+    return 0.5 * torch.logdet(eye + (d / (m * eps)) * gram)
+
+
+@_float32
+def emp_ssl_loss(z: torch.Tensor, sim_weight: float = 200.0, tcr_weight: float = 1.0,
+                 eps: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """EMP-SSL (Tong, Chen, Ma & LeCun 2023, Eq. 4) on ``z`` ``(n, B, d)``: ``n`` patches of each of ``B``
+    images, embeddings L2-normalised. With ``zbar`` the mean of an image's ``n`` embeddings::
+
+        loss = - tcr_weight * 1/n sum_i R(Z_i) - sim_weight * 1/n sum_i 1/B sum_b cos(z_ib, zbar_b)
+
+    ``Z_i`` is patch ``i`` of every image (the reference computes R per patch chunk), ``zbar`` is not
+    detached (as the reference). ``parts``: ``{"invariance": mean cosine, "tcr": mean R}``."""
+    if z.dim() != 3:
+        raise ValueError(f"expected (n_patches, batch, dim) embeddings, got {tuple(z.shape)}")
+    z = z.float()
+    zbar = z.mean(0, keepdim=True)
+    invariance = F.cosine_similarity(z, zbar.expand_as(z), dim=-1).mean()
+    tcr = torch.stack([total_coding_rate(zi, eps) for zi in z]).mean()
+    return -tcr_weight * tcr - sim_weight * invariance, {"invariance": invariance, "tcr": tcr}

@@ -9,6 +9,7 @@ from .byol import BYOL
 from .colorization import Colorization
 from .dcgan import DCGAN
 from .dino import DINO
+from .emp_ssl import EMPSSL
 from .distill import Distill
 from .deepcluster import DeepCluster
 from .inpainting import Inpainting
@@ -32,7 +33,7 @@ METHODS: dict[str, type[Method]] = {
         # generation-based
         Colorization, Inpainting, DCGAN, BiGAN, MAE,
         # joint-embedding
-        SimCLR, MoCoV2, BYOL, SimSiam, BarlowTwins, VICReg, MoCoV3, SimCLRv2, Distill, SwAV, DINO,
+        SimCLR, MoCoV2, BYOL, SimSiam, BarlowTwins, VICReg, MoCoV3, SimCLRv2, Distill, SwAV, DINO, EMPSSL,
         # no gradient: a dictionary of whitened patches (the classic baseline)
         Patches,
     )
