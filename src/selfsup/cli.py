@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--mu", type=int, help="pseudolabel/fixmatch: unlabeled images per labeled one in a batch "
                     "(default 7)")
     ev.add_argument("--threshold", type=float, help="fixmatch: confidence threshold of pseudo-labels (default 0.95)")
+    ev.add_argument("--finetune", action="store_true", help="segment: train the backbone with the head "
+                    "(default: frozen backbone, linear head per pixel)")
+    ev.add_argument("--ignore-index", type=int, help="segment: the mask id left out of the loss and the scores "
+                    "(default: classes.txt's 'unlabelled', else 255; CamVid: 11)")
     ev.add_argument("--no-precise-bn", action="store_true", help="frozen protocols: keep the checkpoint's BatchNorm "
                     "statistics (default: re-estimate them on the training images' evaluation views, no labels)")
     ev.add_argument("--device", default="auto")
@@ -189,8 +193,14 @@ def _evaluate(args) -> int:
                  temperature=args.temperature, device=args.device, seed=args.seed, progress=not args.no_progress,
                  fraction=args.fraction, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mu=args.mu,
                  threshold=args.threshold, steps=args.steps, precise_bn_stats=not args.no_precise_bn,
-                 test_split=args.test_split, test_fraction=args.test_fraction)
+                 test_split=args.test_split, test_fraction=args.test_fraction, finetune=args.finetune,
+                 ignore_index=args.ignore_index)
     dest = Path(args.out) if args.out else Path(args.run) / "eval"
+    if args.protocol == "segment":
+        name = "segment_finetune.json" if args.finetune else "segment.json"
+        print(f"segment mIoU: {r['miou']:.4f}, pixel accuracy {r['pixel_acc']:.4f}  ({r['n_train']} train / "
+              f"{r['n_test']} test frames, {r['num_classes']} classes; written to {dest / name})")
+        return 0
     n_train = f"{r['n_labeled']} labeled" if "n_labeled" in r else str(r["n_train"])
     print(f"{args.protocol} top-1: {r['top1']:.4f}  ({n_train} train / {r['n_test']} test images; "
           f"written to {dest / result_name(args.protocol, args.fraction)})")

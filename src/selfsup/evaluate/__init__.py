@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import types
@@ -43,6 +44,8 @@ import torch
 
 from ..config import ConfigError
 from ..data import CachedImages, default_test_split, load_images
+from ..data.views import AugConfig
+from ..runtime import resolve_device
 from .classifier import class_scores, classifier_path, load_classifier, predict_folder, save_classifier
 from .features import Encoder, cached_features, extract_features, load_encoder, precise_bn
 from .knn import knn_predict, knn_top1
@@ -52,7 +55,7 @@ from .retrieval import retrieval_scores
 from .semi import PROTOCOLS as FRACTION_PROTOCOLS
 from .semi import fraction_protocol
 
-PROTOCOLS = ("knn", "linear", "layers", "retrieval", "robustness") + FRACTION_PROTOCOLS
+PROTOCOLS = ("knn", "linear", "layers", "retrieval", "robustness") + FRACTION_PROTOCOLS + ("segment",)
 ROBUSTNESS_MAX_TEST = 2000  # test images per corruption and severity (class-balanced, fixed seed)
 log = logging.getLogger("selfsup")
 
@@ -124,7 +127,7 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
              epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
              mu: int | None = None, threshold: float | None = None, steps: int | None = None,
              precise_bn_stats: bool = True, test_split: str | None = None,
-             test_fraction: float | None = None) -> dict:
+             test_fraction: float | None = None, finetune: bool = False, ignore_index: int | None = None) -> dict:
     """Run one protocol and write its json; returns the result dict. ``fraction`` (default 1),
     ``epochs`` or ``steps``, ``batch_size``, ``lr`` and, for the semi-supervised ones, ``mu`` and ``threshold``
     (fixmatch) apply to the fraction protocols; None keeps their defaults (``finetune.py``, ``semi.py``).
@@ -161,9 +164,16 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
             raise ConfigError("--mu applies to pseudolabel and fixmatch only")
         if steps is not None and steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {steps}")
+    elif protocol == "segment":
+        if any(v is not None for v in (fraction, steps, mu, threshold, labels_per_class, test_fraction)):
+            raise ConfigError("segment takes --epochs, --lr, --batch-size, --finetune and --ignore-index, not "
+                              "--fraction/--steps/--mu/--threshold/--labels-per-class/--test-fraction")
     elif any(v is not None for v in (fraction, epochs, steps, batch_size, lr, mu, threshold)):
         raise ConfigError(f"--fraction/--epochs/--steps/--batch-size/--lr/--mu/--threshold apply to the "
-                          f"{', '.join(FRACTION_PROTOCOLS)} protocols, not {protocol}")
+                          f"{', '.join(FRACTION_PROTOCOLS)} protocols (and --epochs/--lr/--batch-size to segment), "
+                          f"not {protocol}")
+    if protocol != "segment" and (finetune or ignore_index is not None):
+        raise ConfigError("--finetune and --ignore-index apply to the segment protocol")
     if out is None:
         if run.startswith("random:"):
             raise ConfigError("for a random:BACKBONE baseline, say where the result goes with --out DIR")
@@ -171,6 +181,9 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
     t0 = time.perf_counter()
     encoder = encoder or load_encoder(run, image_size=image_size, seed=seed)
     size = encoder.spec["image_size"]
+    if protocol == "segment":
+        return _segment_protocol(encoder, run, train, test, test_split, out, device, seed, finetune, epochs, lr,
+                                 batch_size, ignore_index, precise_bn_stats, t0)
     if test_fraction is not None:
         full = _labeled(train, "train", size, cache_dir, progress)
         tr_idx, te_idx = holdout_split(full.labels, test_fraction, seed)
@@ -252,6 +265,47 @@ __all__ = ["PROTOCOLS", "Encoder", "balanced_subset", "evaluate", "fraction_subs
            "extract_features", "extract_stage_features",
            "knn_predict", "knn_top1", "linear_probe", "load_encoder", "retrieval_scores",
            "class_scores", "load_classifier", "predict_folder", "save_classifier"]
+
+
+def _segment_protocol(encoder, run, train, test, test_split, out, device, seed, finetune, epochs, lr, batch_size,
+                      ignore_index, precise_bn_stats, t0) -> dict:
+    """``segment``: a segmentation folder's train split against its test split (else val; see
+    :mod:`selfsup.evaluate.segment`); writes ``segment.json`` (``segment_finetune.json`` with
+    ``finetune``) and a picture of test frames."""
+    from ..data.segmentation import load_segmentation
+    from .segment import segment, segmentation_figure
+
+    split = test_split or default_test_split(test)
+    tr = load_segmentation(train, "train", ignore_index=ignore_index)
+    if os.path.abspath(test) == os.path.abspath(train) and split == "train":
+        raise ConfigError(f"{train} has no test/ or val/ split: the test frames would be the training frames; "
+                          f"give another --test folder or --test-split")
+    te = load_segmentation(test, split, size=(tr.images.shape[2], tr.images.shape[1]), ignore_index=tr.ignore_index,
+                           num_classes=tr.num_classes, classes=tr.classes)
+    for data in (tr, te):
+        if data.skipped:
+            log.warning("segment: skipped %d pair(s) of %s: %s", len(data.skipped), data.source,
+                        "; ".join(f"{Path(f).name}: {why}" for f, why in data.skipped[:5]))
+    r, backbone, head, size = segment(encoder, tr, te, device, finetune=finetune, epochs=epochs, lr=lr,
+                                      batch_size=batch_size or 8, seed=seed, precise_bn_stats=precise_bn_stats)
+    name = "segment_finetune" if finetune else "segment"
+    result = {"protocol": "segment", "run": run, "train": train, "test": test, "test_split": split,
+              "n_train": len(tr), "n_test": len(te), "num_classes": tr.num_classes, "classes": tr.classes,
+              "ignore_index": tr.ignore_index, "image_size": [int(tr.images.shape[2]), int(tr.images.shape[1])],
+              "skipped": [list(x) for x in tr.skipped + te.skipped], "backbone": encoder.spec, **r}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    view = AugConfig(size=encoder.spec["image_size"], mean=encoder.mean, std=encoder.std)
+    try:
+        result["figure"] = str(segmentation_figure(backbone, head, te, view, size, resolve_device(device)
+                                                   if isinstance(device, str) else device, encoder.input_mode,
+                                                   encoder.precision, out / f"{name}.png"))
+    except Exception as e:  # noqa: BLE001 - a picture must not lose the scores
+        log.warning("could not draw the segmentation figure: %s: %s", type(e).__name__, e)
+    log.info("segment: mIoU %.4f, pixel accuracy %.4f", result["miou"], result["pixel_acc"])
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 class _CallableModule(types.ModuleType):
