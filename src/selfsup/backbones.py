@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-BACKBONES = ("resnet18", "resnet50", "convnet", "vit_tiny", "vit_small", "vit_micro")
+BACKBONES = ("resnet18", "resnet50", "convnet", "airbench", "vit_tiny", "vit_small", "vit_micro")
 VITS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),  # width, depth, heads (DeiT / DINO sizes)
         "vit_micro": (64, 4, 2)}  # a test / CPU-demo size (~0.2M parameters), not a published model
 
@@ -89,6 +89,77 @@ class ConvNet(Backbone):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+class _IdentityInitConv(nn.Conv2d):
+    """3x3 'same' convolution, no bias, initialised as airbench's: the default init with its first
+    ``in_channels`` filters set to the identity (an implicit residual at the start)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(c_in, c_out, 3, padding=1, bias=False)
+        with torch.no_grad():
+            nn.init.dirac_(self.weight[:min(c_in, c_out)])
+
+
+class _ConvGroup(nn.Sequential):
+    """airbench's ConvGroup: conv -> max-pool 2 -> BN -> GELU -> conv -> BN -> GELU (BN without a
+    trainable scale, as airbench: its weight is frozen at 1)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        bn1, bn2 = nn.BatchNorm2d(c_out, eps=1e-12, momentum=0.4), nn.BatchNorm2d(c_out, eps=1e-12, momentum=0.4)
+        for bn in (bn1, bn2):
+            bn.weight.requires_grad_(False)
+        super().__init__(_IdentityInitConv(c_in, c_out), nn.MaxPool2d(2), bn1, nn.GELU(),
+                         _IdentityInitConv(c_out, c_out), bn2, nn.GELU())
+
+
+class Airbench(Backbone):
+    """The network of Keller Jordan's CIFAR-10 speedruns (airbench94, github.com/KellerJordan/cifar10-airbench),
+    without its classifier: a 2x2 convolution to ``2 * C * 4`` channels whose filters are the whitening of
+    the training images' 2x2 patches (both signs) and stay frozen (:meth:`fit_data`, called by the
+    trainer before the first step), GELU, then three conv groups of widths 64, 256, 256 (``width``
+    scales them); features: the global max of the last map (airbench's final 3x3 max-pool at 32 px).
+    Stages: whitening, group1, group2, group3."""
+
+    WHITEN_EPS = 5e-4  # airbench's, on patches of images normalised by the dataset's mean and std
+
+    def __init__(self, in_chans: int = 3, width: int = 64) -> None:
+        super().__init__()
+        w0 = 2 * in_chans * 4
+        whiten = nn.Conv2d(in_chans, w0, 2, padding=0, bias=True)
+        whiten.weight.requires_grad_(False)
+        nn.init.zeros_(whiten.bias)
+        dims = [width, 4 * width, 4 * width]
+        self.stages.append(nn.Sequential(whiten, nn.GELU()))
+        c = w0
+        for d in dims:
+            self.stages.append(_ConvGroup(c, d))
+            c = d
+        self.stage_names = ["whiten", "group1", "group2", "group3"]
+        self.stage_dims = [w0] + dims
+        self.out_dim = dims[-1]
+
+    @property
+    def whiten(self) -> nn.Conv2d:
+        return self.stages[0][0]
+
+    @torch.no_grad()
+    def fit_data(self, x: torch.Tensor) -> None:
+        """Set the whitening filters from the 2x2 patches of ``x`` ``(N, C, H, W)`` (the evaluation view
+        of training images): eigenvectors of the patch covariance scaled by 1/sqrt(eigenvalue + eps),
+        with their negatives (airbench's ``init_whitening_conv``)."""
+        c = x.shape[1]
+        patches = x.float().unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, c * 4)
+        cov = patches.T.double() @ patches.double() / len(patches)
+        evals, evecs = torch.linalg.eigh(cov)
+        evals, evecs = evals.flip(0), evecs.T.flip(0)  # largest first
+        filters = (evecs / torch.sqrt(evals.clamp_min(0) + self.WHITEN_EPS)[:, None]).reshape(c * 4, c, 2, 2)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return torch.flatten(F.adaptive_max_pool2d(x, 1), 1)
 
 
 def vit_patch_size(image_size: int) -> int:
@@ -268,6 +339,8 @@ def build_backbone(name: str, image_size: int = 32, small_stem: bool | None = No
         raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
     if name == "convnet":
         return ConvNet(in_chans=in_chans)
+    if name == "airbench":
+        return Airbench(in_chans=in_chans)
     if name in VITS:
         return ViT(name, image_size, in_chans=in_chans)
     if small_stem is None:

@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                     "measures its throughput, fixes its length to end within it (replaces --epochs) and prints the plan")
     pt.add_argument("--batch-size", type=int)
     pt.add_argument("--image-size", type=int, help="side of the (square) training images, default 32")
-    pt.add_argument("--backbone", help="resnet18 | resnet50 | convnet")
+    pt.add_argument("--backbone", help="resnet18 | resnet50 | convnet | airbench | vit_tiny | vit_small")
     pt.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
     pt.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<method>-<time>)")
     pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -62,6 +62,7 @@ from .checkpoint import CheckpointError, atomic_torch_save, load_run_checkpoint,
 from .checkpoint import load_checkpoint  # noqa: F401 - re-exported: selfsup.train.load_checkpoint
 from .config import Config, ConfigError, finalize, load_config, parse_duration, save_config, update_dataclass
 from .data import CachedImages, load_images
+from .data.views import eval_input
 from .methods import Method, get_method
 from .monitor import collapse_warning, embedding_health
 from .optim import build_optimizer, lr_factor, warmup_steps_for
@@ -74,6 +75,7 @@ HEALTH_SAMPLES = 512
 PLAN_WARMUP_STEPS = 5  # steps of a time budget's probe not timed (first-call allocations, kernel choice)
 PLAN_MIN_STEPS = 10  # timed steps at least
 PLAN_MIN_SECONDS = 4.0  # and at least this many seconds of timed steps (or 3% of the budget)
+DATA_FIT_IMAGES = 5000  # training images a layer fitted from the data sees (airbench's whitening: 5,000)
 PLAN_MARGIN = 0.02  # fraction of the budget kept free for what the plan cannot measure
 
 
@@ -274,6 +276,7 @@ class Trainer:
         self.data = data
         torch.manual_seed(cfg.train.seed)
         self.method: Method = get_method(cfg.method)(cfg).to(self.device)
+        self._fit_layers_from_data(data, resume)
         if cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         if self.world_size > 1:
@@ -314,6 +317,19 @@ class Trainer:
             (self.run_dir / "skipped.txt").write_text("\n".join(lines) + "\n")
             log.warning("%d input file(s) could not be decoded and were skipped; list in %s",
                         len(data.skipped), self.run_dir / "skipped.txt")
+
+    def _fit_layers_from_data(self, data: CachedImages, resume: bool) -> None:
+        """Layers set from the training images before the first step (airbench's frozen whitening
+        conv: ``fit_data``), in every copy of the backbone the method holds (EMA teachers too), from
+        the evaluation view of the first ``DATA_FIT_IMAGES`` images; a resumed run has them in its
+        checkpoint."""
+        layers = [m for m in self.method.modules() if m is not self.method and callable(getattr(m, "fit_data", None))]
+        if not layers or resume:
+            return
+        x = torch.from_numpy(np.array(data.images[:DATA_FIT_IMAGES])).permute(0, 3, 1, 2).to(self.device)
+        x = eval_input(x, self.cfg.aug, self.method.input_mode)
+        for m in layers:
+            m.fit_data(x)
 
     def set_length(self, total_steps: int) -> None:
         """Fix the run's length; every schedule (lr, momentum, temperatures) follows it."""

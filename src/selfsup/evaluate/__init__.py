@@ -47,7 +47,7 @@ from ..data import CachedImages, default_test_split, load_images
 from ..data.views import AugConfig
 from ..runtime import resolve_device
 from .classifier import class_scores, classifier_path, load_classifier, predict_folder, save_classifier
-from .features import Encoder, cached_features, extract_features, load_encoder, precise_bn
+from .features import Encoder, cached_features, extract_features, fit_random_from_data, load_encoder, precise_bn
 from .knn import knn_predict, knn_top1
 from .features import extract_stage_features
 from .linear import linear_probe
@@ -196,6 +196,7 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
         if te.source == tr.source:
             raise ConfigError(f"the test images would be the training images ({tr.source}): give a --test folder "
                               f"with a test/ or val/ split, another folder, or --test-fraction F")
+    fit_random_from_data(encoder, tr.images, device)  # e.g. random:airbench's whitening, from these images
     if labels_per_class:
         tr = tr.subset(balanced_subset(tr.labels, labels_per_class, seed))
     if tr.classes != te.classes:
@@ -280,6 +281,7 @@ def _segment_protocol(encoder, run, train, test, test_split, out, device, seed, 
     if os.path.abspath(test) == os.path.abspath(train) and split == "train":
         raise ConfigError(f"{train} has no test/ or val/ split: the test frames would be the training frames; "
                           f"give another --test folder or --test-split")
+    fit_random_from_data(encoder, tr.images, device)
     te = load_segmentation(test, split, size=(tr.images.shape[2], tr.images.shape[1]), ignore_index=tr.ignore_index,
                            num_classes=tr.num_classes, classes=tr.classes)
     for data in (tr, te):
