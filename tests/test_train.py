@@ -213,3 +213,24 @@ def test_fixed_lr_groups_keep_their_base_rate(tiny_dataset, tmp_path):
     base = cfg.optim.lr * cfg.train.batch_size / 256
     assert all(g["lr"] == pytest.approx(base) for g in fixed)
     assert all(g["lr"] < 0.2 * base for g in others)
+
+
+def test_training_views_can_be_smaller_than_the_images(tiny_dataset, tmp_path):
+    """``data.view_size``: the augmented views at 8 px of 16 px images (cheaper steps); the backbone is
+    stored and evaluated at the image size."""
+    import numpy as np
+
+    from selfsup.evaluate import load_encoder
+    from selfsup.train import Trainer
+
+    cfg = build_config("simclr", {"model": {"backbone": "convnet"},
+                                  "data": {"path": str(tiny_dataset / "train"), "image_size": 16, "view_size": 8},
+                                  "train": {"epochs": 1, "batch_size": 16, "device": "cpu"},
+                                  "params": {"proj_hidden_dim": 32, "proj_dim": 16}})
+    assert cfg.aug.size == 8
+    t = Trainer(cfg, tmp_path / "run", progress=False)
+    x = t.method.prepare(torch.from_numpy(np.array(t.data.images[:4])).permute(0, 3, 1, 2),
+                         torch.Generator().manual_seed(0))
+    assert x.shape == (8, 3, 8, 8)
+    t.fit()
+    assert load_encoder(tmp_path / "run").spec["image_size"] == 16

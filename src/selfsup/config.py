@@ -38,6 +38,8 @@ class DataConfig:
     path: str | None = None  # image folder, dataset folder, or a dataset name (digits, cifar10, ...)
     split: str = "train"  # which split to pretrain on ("train", "unlabeled", "train+unlabeled", ...)
     image_size: int = 32  # images are decoded once and resized (shorter side + centre crop) to this
+    view_size: int = 0  # side of the training views (augmented crops); 0: image_size. Smaller is cheaper
+    #                     (e.g. 24 for 32 px data); the backbone is evaluated at image_size
     cache_dir: str | None = None  # decode cache; default $SELFSUP_CACHE or ~/.cache/selfsup/cache
     download: bool = False  # allow downloading a named dataset (cifar10, stl10, ...)
 
@@ -232,7 +234,7 @@ def finalize(cfg: Config) -> Config:
     """Derive what follows from other fields, fill the method's params, validate."""
     from .methods import get_method
 
-    cfg.aug.size = cfg.data.image_size  # views are made at the training image size
+    cfg.aug.size = cfg.data.view_size or cfg.data.image_size  # the training views' side
     cfg.params = resolve_params(get_method(cfg.method), cfg.params)
     validate(cfg)
     return cfg
@@ -259,6 +261,8 @@ def validate(cfg: Config) -> None:
                     ("train.log_every", cfg.train.log_every)):
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}")
+    if cfg.data.view_size < 0:
+        raise ConfigError(f"data.view_size must be >= 0 (0: the image size), got {cfg.data.view_size}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if cfg.train.time_budget is not None:
