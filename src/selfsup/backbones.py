@@ -323,12 +323,103 @@ class CropBag(Backbone):
         return f.float().view(self.n, b, -1).mean(0)
 
 
+def cached_torchvision_weights(name: str):
+    """The DEFAULT pretrained weights of torchvision model ``name`` when their file is already in torch's
+    cache (``torch.hub.get_dir()/checkpoints``); nothing is ever downloaded. Raises ValueError
+    (saying where the file is expected) otherwise."""
+    import os
+
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"torchvision has no pretrained weights for '{name}' ({e})") from None
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if not os.path.exists(path):
+        raise ValueError(f"the pretrained weights of torchvision:{name} are not in the local cache ({path}); "
+                         f"selfsup never downloads: fetch {weights.url} into that folder, e.g. with "
+                         f"torchvision.models.get_model('{name}', weights='DEFAULT') once")
+    return weights
+
+
+class TorchvisionBackbone(Backbone):
+    """Any torchvision classification model (``torchvision.models.get_model(name)``: ResNets, ConvNeXt,
+    EfficientNet, MobileNet, RegNet, ...) without its classifier: ``forward`` gives the model's own pooled
+    features, ``forward_stages`` the outputs of its stages (a ResNet's ``layer1..4``, the blocks of
+    ``features`` otherwise), captured with forward hooks. ``pretrained``: torchvision's DEFAULT weights,
+    only from the local cache (:func:`cached_torchvision_weights`). RGB input only."""
+
+    def __init__(self, name: str, image_size: int = 224, in_chans: int = 3, pretrained: bool = False) -> None:
+        super().__init__()
+        if in_chans != 3:
+            raise ValueError(f"torchvision:{name} takes RGB input (3 channels), not {in_chans}")
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"unknown torchvision classification model '{name}'; see "
+                             f"torchvision.models.list_models(module=torchvision.models)")
+        weights = cached_torchvision_weights(name) if pretrained else None
+        model = torchvision.models.get_model(name, weights=None)
+        if weights is not None:
+            model.load_state_dict(weights.get_state_dict(progress=False, check_hash=False))
+        if isinstance(getattr(model, "fc", None), nn.Linear):
+            model.fc = nn.Identity()
+            taps = [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
+        elif hasattr(model, "classifier"):
+            head = model.classifier
+            if isinstance(head, nn.Linear):
+                model.classifier = nn.Identity()
+            elif isinstance(head, nn.Sequential) and any(isinstance(m, nn.Linear) for m in head):
+                last = max(i for i, m in enumerate(head) if isinstance(m, nn.Linear))
+                head[last] = nn.Identity()  # keeps e.g. ConvNeXt's LayerNorm + Flatten before it
+            else:
+                raise ValueError(f"torchvision:{name}: unrecognised classifier {type(head).__name__}")
+            taps = list(model.features.children()) if hasattr(model, "features") else []
+        elif isinstance(getattr(model, "heads", None), nn.Module):  # ViT: class token features, no maps
+            model.heads = nn.Identity()
+            taps = []
+        else:
+            raise ValueError(f"torchvision:{name}: no classifier found to remove (fc, classifier or heads)")
+        self.model, self.name = model, name
+        self._taps = taps
+        size = max(32, image_size) if not name.startswith("vit") else image_size
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            maps = self.forward_stages(torch.zeros(1, 3, size, size))
+            self.out_dim = int(model(torch.zeros(1, 3, size, size)).flatten(1).shape[1])
+            model.train(was)
+        self.stage_names = [f"stage{i + 1}" for i in range(len(maps))]
+        self.stage_dims = [int(m.shape[1]) for m in maps]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.model(x), 1)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not self._taps:
+            return []
+        maps: list[torch.Tensor] = []
+        hooks = [t.register_forward_hook(lambda mod, inp, out: maps.append(out)) for t in self._taps]
+        try:
+            self.model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [m for m in maps if m.dim() == 4]
+
+
+def is_torchvision(name: str) -> bool:
+    return name.startswith("torchvision:")
+
+
 def build_backbone(name: str, image_size: int = 32, small_stem: bool | None = None,
-                   in_chans: int = 3, options: dict | None = None) -> Backbone:
+                   in_chans: int = 3, options: dict | None = None, pretrained: bool = False) -> Backbone:
     """Build a randomly initialised backbone. ``small_stem=None`` picks it for images <= 64 px.
     ``patches`` (the ``patches`` method's fitted layer, not a choice for the other methods) takes its
     sizes from ``options`` (``k``, ``patch``, ``q``, ``grid``), as stored in its backbone spec;
-    ``crop_bag`` (how ``emp_ssl`` is evaluated) wraps ``options["inner"]``."""
+    ``crop_bag`` (how ``emp_ssl`` is evaluated) wraps ``options["inner"]``; ``torchvision:NAME`` is any
+    torchvision classification model (``pretrained``: its cached DEFAULT weights)."""
+    if is_torchvision(name):
+        return TorchvisionBackbone(name.split(":", 1)[1], image_size, in_chans, pretrained)
+    if pretrained:
+        raise ValueError(f"model.pretrained needs a torchvision:NAME backbone; '{name}' has no pretrained weights")
     if name == "patches":
         return PatchEncoder(image_size, in_chans, **(options or {}))
     if name == "crop_bag":  # options: the inner backbone's name and the bag's n, scale, size, seed

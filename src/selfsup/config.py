@@ -46,8 +46,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"  # resnet18 | resnet50 | convnet | vit_tiny | vit_small | vit_micro (tests)
+    backbone: str = "resnet18"  # resnet18 | resnet50 | convnet | airbench | vit_tiny | vit_small | vit_micro
+    #                             (tests) | torchvision:NAME (any torchvision classification model)
     small_stem: bool | None = None  # 3x3 conv1, no max-pool; None = automatic (image_size <= 64)
+    pretrained: bool = False  # torchvision:NAME only: start from its DEFAULT weights (from the local cache)
 
 
 @dataclass
@@ -250,8 +252,17 @@ def resolve_params(method_cls: Any, params: dict[str, Any]) -> dict[str, Any]:
 def validate(cfg: Config) -> None:
     from .backbones import BACKBONES
 
-    if cfg.model.backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone '{cfg.model.backbone}'; choose one of {', '.join(BACKBONES)}")
+    name = cfg.model.backbone
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        if name.split(":", 1)[1] not in torchvision.models.list_models(module=torchvision.models):
+            raise ConfigError(f"unknown torchvision classification model '{name.split(':', 1)[1]}'; see "
+                              f"torchvision.models.list_models(module=torchvision.models)")
+    elif name not in BACKBONES:
+        raise ConfigError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)} or torchvision:NAME")
+    if cfg.model.pretrained and not name.startswith("torchvision:"):
+        raise ConfigError(f"model.pretrained=true needs a torchvision:NAME backbone; '{name}' has no pretrained weights")
     if cfg.optim.name not in ("sgd", "lars", "adamw"):
         raise ConfigError(f"unknown optimizer '{cfg.optim.name}'; choose sgd, lars or adamw")
     if cfg.train.precision not in ("auto", "bf16", "fp16", "fp32"):

@@ -175,8 +175,8 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
     if protocol != "segment" and (finetune or ignore_index is not None):
         raise ConfigError("--finetune and --ignore-index apply to the segment protocol")
     if out is None:
-        if run.startswith("random:"):
-            raise ConfigError("for a random:BACKBONE baseline, say where the result goes with --out DIR")
+        if run.startswith(("random:", "pretrained:")):
+            raise ConfigError(f"for a {run.split(':', 1)[0]}:BACKBONE baseline, say where the result goes with --out DIR")
         out = Path(run) / "eval"
     t0 = time.perf_counter()
     encoder = encoder or load_encoder(run, image_size=image_size, seed=seed)

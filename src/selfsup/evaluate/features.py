@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backbones import Backbone, backbone_spec, build_backbone
+from ..backbones import Backbone, backbone_spec, build_backbone, cached_torchvision_weights
 from ..config import ConfigError
 from ..data.cache import default_cache_dir
 from ..data.views import AugConfig
@@ -97,10 +97,22 @@ def fit_random_from_data(encoder: Encoder, images: np.ndarray, device: str | tor
 
 def load_encoder(run: str | Path, image_size: int | None = None, seed: int = 0) -> Encoder:
     """``run`` is a run directory, a checkpoint file (a ``str`` or a ``Path``, e.g. what
-    :func:`selfsup.pretrain` returns), or ``random:BACKBONE`` (untrained baseline, initialised with
-    ``seed``; ``image_size`` picks its stem)."""
+    :func:`selfsup.pretrain` returns), ``random:BACKBONE`` (untrained baseline, initialised with
+    ``seed``; ``image_size`` picks its stem), or ``pretrained:torchvision:NAME`` (torchvision's DEFAULT
+    weights from the local cache, its ImageNet normalisation; ``image_size`` default 224)."""
     defaults = AugConfig()
     run = str(run)
+    if run.startswith("pretrained:"):  # an off-the-shelf encoder: pretrained:torchvision:NAME
+        name = run.split(":", 1)[1]
+        if not name.startswith("torchvision:"):
+            raise ConfigError(f"{run}: pretrained encoders are torchvision:NAME (e.g. pretrained:torchvision:resnet50)")
+        size = image_size or 224
+        try:
+            backbone = build_backbone(name, size, pretrained=True)
+            t = cached_torchvision_weights(name.split(":", 1)[1]).transforms()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return Encoder(backbone.eval(), backbone_spec(name, size, None), tuple(t.mean), tuple(t.std), run)
     if run.startswith("random:"):
         name = run.split(":", 1)[1]
         size = image_size or 32

@@ -62,8 +62,14 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.hp = self.Params(**cfg.params)
-        self.backbone: Backbone = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.small_stem,
-                                                 in_chans=INPUT_CHANNELS[self.input_mode])
+        try:
+            self.backbone: Backbone = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.small_stem,
+                                                     in_chans=INPUT_CHANNELS[self.input_mode],
+                                                     pretrained=cfg.model.pretrained)
+        except ValueError as e:  # e.g. pretrained weights not in the cache, a non-RGB torchvision model
+            from ..config import ConfigError
+
+            raise ConfigError(str(e)) from None
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         # the dataset indices (int64, CPU) of the images of the batch handed to the next ``prepare``, in
         # the batch's order (this process's slice under torchrun); set by the trainer before each step,
