@@ -146,3 +146,35 @@ def test_swav_rehearses_with_its_queue_in_use_and_the_plan_rolls_it_back(tiny_da
     run = [used for planned, used in seen if planned]
     assert rehearsal and all(rehearsal)  # every rehearsal step with a full queue
     assert run and not run[0]  # the run itself starts with an empty queue (restored)
+
+
+def test_a_run_that_slows_down_after_its_plan_replans_and_still_ends_on_time(tiny_dataset, tmp_path,
+                                                                              monkeypatch, caplog):
+    """The machine gets slower after the rehearsal (each real step sleeps 60 ms more): at 30% of the
+    budget the run re-measures its pace, shortens itself, records the new length and ends near the
+    budget instead of far past it."""
+    import time
+
+    monkeypatch.setattr(train_mod, "PLAN_MIN_SECONDS", 0.2)
+    monkeypatch.setattr(train_mod, "REPLAN_AT", (0.3,))
+    monkeypatch.setattr(train_mod, "REPLAN_MIN_BUDGET", 1.0)
+    monkeypatch.setattr(Trainer, "draw_figures", lambda self: [])
+    cfg = _cfg(tiny_dataset / "train", time_budget="5s")
+    t = Trainer(cfg, tmp_path / "run", progress=False)
+    fit_step = t.train_step
+
+    def slower(images, s):
+        if t.planned:
+            time.sleep(0.06)
+        return fit_step(images, s)
+
+    t.train_step = slower
+    t0 = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="selfsup"):
+        t.fit()
+    took = time.perf_counter() - t0
+    planned = int(caplog.text.split(" -> ")[1].split(" steps")[0])
+    assert "instead of" in caplog.text and t.total_steps < planned
+    assert took < 5 * 1.25, took
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["total_steps"]
+    assert saved == t.total_steps == int(read_metrics(tmp_path / "run")[-1]["step"])

@@ -76,6 +76,8 @@ PLAN_WARMUP_STEPS = 5  # steps of a time budget's probe not timed (first-call al
 PLAN_MIN_STEPS = 10  # timed steps at least
 PLAN_MIN_SECONDS = 4.0  # and at least this many seconds of timed steps (or 3% of the budget)
 DATA_FIT_IMAGES = 5000  # training images a layer fitted from the data sees (airbench's whitening: 5,000)
+REPLAN_AT = (0.25, 0.5, 0.75)  # fractions of a time budget at which the run re-measures its pace
+REPLAN_MIN_BUDGET = 120.0  # seconds: shorter budgets keep the rehearsal's plan
 PLAN_MARGIN = 0.02  # fraction of the budget kept free for what the plan cannot measure
 
 
@@ -565,6 +567,9 @@ class Trainer:
                             if self.step % cfg.train.ckpt_every != 0 and self.step != self.total_steps:
                                 self.save()
                             raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, self.step, self.ckpt_path)
+                        if self.replan():
+                            bar.total = self.total_steps
+                            bar.refresh()
                         if self.step >= self.total_steps:  # a planned length may end mid-epoch
                             break
         finally:
@@ -667,6 +672,9 @@ class Trainer:
         self.set_length(total)
         self.cfg.train.total_steps = total
         self.planned = True
+        # the re-plans (replan) measure the real pace from here on, this session only
+        self._replan = {"t0": time.perf_counter(), "step": self.step, "end_s": figures_s + save_s,
+                        "marks": [f for f in REPLAN_AT if budget >= REPLAN_MIN_BUDGET and self.world_size == 1]}
         end = time.time() + (total - self.step) * step_s + (self.epochs - epoch) * (epoch_work + health_s) + figures_s
         if self.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
@@ -679,6 +687,39 @@ class Trainer:
             if total - self.step <= 1:
                 log.warning("time budget %s leaves room for %d step(s) only; give the run more time",
                             format_duration(budget), total - self.step)
+
+    def replan(self) -> bool:
+        """Re-measure the pace once a fraction of the budget has passed (``REPLAN_AT``, budgets of
+        ``REPLAN_MIN_BUDGET`` or more): the wall time per step of the real run since the plan (every
+        per-epoch work and checkpoint included) fixes the steps left, so that a machine that speeds up
+        or slows down after the rehearsal still ends on time. The new length is recorded in
+        ``config.yaml``; every schedule follows it from this step on. Only the session that planned
+        re-plans (a resumed run keeps its recorded length), and not under torchrun (the processes would
+        reach the marks at different steps). Returns whether the length changed."""
+        state = getattr(self, "_replan", None)
+        if not state or not state["marks"] or self.budget is None:
+            return False
+        used = time.perf_counter() - self.started
+        if used < state["marks"][0] * self.budget:
+            return False
+        state["marks"].pop(0)
+        done = self.step - state["step"]
+        if done < 1:
+            return False
+        pace = (time.perf_counter() - state["t0"]) / done
+        left = self.budget * (1 - PLAN_MARGIN) - used - state["end_s"]
+        total = max(self.step + 1, self.step + int(left // pace))
+        if abs(total - self.total_steps) <= max(1, 0.01 * self.total_steps):
+            return False
+        if self.is_main:
+            log.info("time budget %s: at %.0f%% of it, %.0f ms per step measured since the plan -> %d steps "
+                     "instead of %d", format_duration(self.budget), 100 * used / self.budget, 1000 * pace, total,
+                     self.total_steps)
+        self.set_length(total)
+        self.cfg.train.total_steps = total
+        if self.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        return True
 
     @staticmethod
     def _probe_done(times: list[float], spent: float, limit: float) -> bool:
