@@ -180,3 +180,23 @@ def test_a_run_that_slows_down_after_its_plan_replans_and_still_ends_on_time(tin
     assert took < 5 * 1.25, took
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["total_steps"]
     assert saved == t.total_steps == int(read_metrics(tmp_path / "run")[-1]["step"])
+
+
+def test_a_recipe_runs_over_its_methods_preset_and_keeps_checkpoints_by_time(tiny_dataset, tmp_path, capsys):
+    """``--recipe fast``: the recipe's method and settings over the method's preset, the command line's
+    on top; ``train.keep_seconds`` keeps the step reached at a time mark (a curve of one run)."""
+    from selfsup.evaluate import load_encoder
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--recipe", "fast", "--data", str(tiny_dataset / "train"), "--image-size", "16",
+                 "--epochs", "1", "--batch-size", "16", "--out", str(run), "--no-progress",
+                 "params.proj_hidden_dim=32", "params.proj_dim=16", "train.keep_seconds=[0.001]"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["method"] == "vicreg" and saved["model"]["backbone"] == "convnet"  # the recipe
+    assert saved["optim"]["lars_clip"] is False  # the vicreg preset under it
+    assert saved["train"]["batch_size"] == 16 and saved["params"]["proj_dim"] == 16  # the command line on top
+    kept = run / "checkpoints" / "at_0.001s.pt"
+    assert kept.exists() and load_encoder(kept).spec["name"] == "convnet"
+    assert main(["pretrain", "--recipe", "fast", "--method", "simclr", "--data", str(tiny_dataset / "train"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "drop --method" in capsys.readouterr().err

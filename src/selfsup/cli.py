@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, build_config, parse_overrides
+from .config import ConfigError, build_config, merge, parse_overrides, recipe, recipes
 from .data import DATASET_NAMES, DataError
 
 log = logging.getLogger("selfsup")
@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                         description="Pretrain a backbone. Options not listed here are set as key=value "
                         "overrides of the config, e.g. optim.lr=0.3 train.ckpt_every=200 "
                         "params.temperature=0.5 (see RUN_DIR/config.yaml for every key).")
-    pt.add_argument("--method", choices=list(METHODS), help="the method (required unless --resume)")
+    pt.add_argument("--method", choices=list(METHODS), help="the method (required unless --resume or --recipe)")
+    pt.add_argument("--recipe", choices=recipes(), help="a method with settings chosen for a goal, over its preset "
+                    "(src/selfsup/presets/recipes/NAME.yaml; fast: the best features in a short --time)")
     src = pt.add_mutually_exclusive_group()
     src.add_argument("--data", metavar="PATH", help="image folder (recursive; sub-folders are classes), or a "
                      "cifar-10-batches-py / cifar-100-python / stl10_binary / MNIST IDX folder, or 'digits'")
@@ -170,16 +172,22 @@ def _pretrain(args) -> int:
             raise ConfigError(f"{args.out} is a {cfg.method} run, not {args.method}")
         out = args.out
     else:
-        if not args.method:
-            raise ConfigError("--method is required (see `selfsup methods`)")
-        cfg = build_config(args.method, overrides)
+        method = args.method
+        if args.recipe:
+            method, base = recipe(args.recipe)
+            if args.method and args.method != method:
+                raise ConfigError(f"recipe {args.recipe} is a {method} recipe; drop --method {args.method}")
+            overrides = merge(base, overrides)
+        if not method:
+            raise ConfigError("--method (or --recipe) is required (see `selfsup methods`)")
+        cfg = build_config(method, overrides)
         if not cfg.data.path:
             raise ConfigError("no training data: pass --data PATH or --dataset NAME")
         from .distributed import launched_with_torchrun
 
         if launched_with_torchrun() and not args.out:
             raise ConfigError("under torchrun, pass --out RUN_DIR (every process must agree on the run directory)")
-        out = args.out or f"runs/{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = args.out or f"runs/{args.recipe or method}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = pretrain(cfg, out, resume=args.resume, progress=not args.no_progress)
     print(f"done: {run_dir} (checkpoint {Path(run_dir) / 'checkpoints' / 'last.pt'})")
     return 0

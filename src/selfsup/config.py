@@ -76,6 +76,8 @@ class TrainConfig:
     channels_last: bool = True
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_every: int = 0  # also keep every N-th step's checkpoint as checkpoints/step_<N>.pt (0: only last + previous)
+    keep_seconds: list[float] = field(default_factory=list)  # also keep checkpoints/at_<S>s.pt at the first step
+    #                            ending S seconds after the session started (e.g. [300, 600, 1200]: a curve of one run)
     log_every: int = 20  # steps between rows of metrics.csv
     log_seconds: float = 30.0  # seconds between plain progress lines when no progress bar is shown
     sync_bn: bool = False  # distributed runs: SyncBatchNorm (batch statistics over all processes; CUDA)
@@ -128,6 +130,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, arg, where) for v in value]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
@@ -217,6 +224,38 @@ def preset(method: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
+RECIPE_DIR = PRESET_DIR / "recipes"
+
+
+def recipes() -> list[str]:
+    """The recipes: ``presets/recipes/<name>.yaml``, each a method and config sections chosen for a goal
+    (e.g. ``fast``: the best features in a short budget), applied over the method's preset."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe(name: str) -> tuple[str, dict[str, Any]]:
+    """``(method, overrides)`` of recipe ``name``."""
+    path = RECIPE_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown recipe '{name}'; choose one of: {', '.join(recipes()) or 'none'}")
+    d = yaml.safe_load(path.read_text()) or {}
+    if "method" not in d:
+        raise ConfigError(f"{path} names no method")
+    method = d.pop("method")
+    return method, d
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, section by section (one level of nesting, as the config's)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
 def build_config(method: str, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults <- the method's preset <- overrides; validates ``params`` against the method."""
     from .methods import get_method
@@ -278,6 +317,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if cfg.train.time_budget is not None:
         parse_duration(cfg.train.time_budget)  # raises ConfigError when malformed
+    if any(float(t) <= 0 for t in cfg.train.keep_seconds):
+        raise ConfigError(f"train.keep_seconds must be positive seconds, got {cfg.train.keep_seconds}")
     if cfg.train.keep_every < 0:
         raise ConfigError(f"train.keep_every must be >= 0 (0: off), got {cfg.train.keep_every}")
     if cfg.train.total_steps is not None and cfg.train.total_steps < 1:

@@ -30,6 +30,7 @@ Run directory::
     RUN_DIR/checkpoints/last.pt    the latest checkpoint
     RUN_DIR/checkpoints/previous.pt   the one before it (--resume falls back to it when last.pt is damaged)
     RUN_DIR/checkpoints/step_N.pt  every train.keep_every-th step's, when asked
+    RUN_DIR/checkpoints/at_Ss.pt   the step that ended S seconds into the session (train.keep_seconds)
     RUN_DIR/figures/               the method's pictures of its own task, drawn at the end of training
     RUN_DIR/skipped.txt            inputs that could not be decoded (if any)
 
@@ -377,6 +378,18 @@ class Trainer:
             except OSError:
                 atomic_torch_save(self.state(), kept)
 
+    def _keep_at_seconds(self) -> None:
+        """``train.keep_seconds``: the first step that ends S seconds (or more) after this session started
+        is kept as ``checkpoints/at_<S>s.pt`` (once; a mark already on disk is not rewritten)."""
+        now = time.perf_counter() - self.started
+        for mark in self.cfg.train.keep_seconds:
+            if now >= float(mark) and mark not in getattr(self, "_kept_marks", set()):
+                self._kept_marks = getattr(self, "_kept_marks", set()) | {mark}
+                path = self.ckpt_path.with_name(f"at_{float(mark):g}s.pt")
+                if self.is_main and not path.exists():
+                    atomic_torch_save(self.state(), path)
+                    log.info("kept the checkpoint of step %d (%.0f s into the session) as %s", self.step, now, path)
+
     def _restore(self) -> None:
         ckpt_dir = self.ckpt_path.parent
         if not (self.ckpt_path.exists() or (ckpt_dir / "previous.pt").exists()):
@@ -563,6 +576,7 @@ class Trainer:
                             line_at, line_step = now, self.step
                         if self.step % cfg.train.ckpt_every == 0 or self.step == self.total_steps:
                             self.save()
+                        self._keep_at_seconds()
                         if distributed.any_flag(self._stop_signal is not None, self.device):
                             if self.step % cfg.train.ckpt_every != 0 and self.step != self.total_steps:
                                 self.save()
