@@ -104,3 +104,43 @@ window.addEventListener('load', () => {
     subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1280,2400", report.as_uri()],
                    capture_output=True, text=True, timeout=120)
     assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_neighbours_duplicates_and_outliers_by_hand():
+    import torch
+
+    from selfsup.report.plots import near_duplicates, nearest, outliers
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(8, generator=g)
+    feats = base + 0.3 * torch.randn(20, 8, generator=g)  # a crowd around one direction
+    feats[7] = feats[3] * 2.0  # a planted near-duplicate (same direction)
+    odd = torch.randn(8, generator=g)
+    feats[12] = odd - (odd @ base) / (base @ base) * base  # orthogonal to the crowd: the outlier
+    idx, sims = nearest(feats[:5], feats, 3, exclude=torch.arange(5))  # the queries are gallery rows 0-4
+    assert not any(int(i) in idx[i].tolist() for i in range(5))  # never its own neighbour
+    assert int(idx[3, 0]) == 7 and float(sims[3, 0]) == pytest.approx(1.0, abs=1e-5)
+    assert near_duplicates(feats, 1)[0][:2] == (3, 7)
+    out, _ = outliers(feats, 1, k=3)
+    assert int(out[0]) == 12
+
+
+def test_report_of_an_unlabeled_collection(tmp_path, monkeypatch):
+    """A flat folder (no classes, no test split): queries come from the collection itself and are never
+    their own neighbour, and the report shows its clusters, near-duplicates and outliers."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "cache"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(photos / f"p{i:02d}.png")
+    cfg = build_config("rotation", {"model": {"backbone": "convnet"}, "data": {"path": str(photos), "image_size": 16},
+                                    "train": {"epochs": 1, "batch_size": 8}})
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    text = write_report(tmp_path / "run").read_text()
+    for section in ("Clusters of the collection", "Near-duplicates", "Outliers", "t-SNE of train embeddings",
+                    "Nearest neighbours (cosine, train images)"):
+        assert f"<h2>{section}" in text, section

@@ -88,5 +88,9 @@ def run_demo(data: str | None = None, out: str | Path = "runs/demo", epochs: int
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"runs and results in {out}/ ; next: selfsup pretrain --method simclr --data YOUR_IMAGES")
+    from .report import write_report
+
+    report = write_report(out / "simclr", data=spec, device=device)
+    print(f"runs and results in {out}/ ; the SimCLR run's report: {report}")
+    print("next: selfsup pretrain --method simclr --data YOUR_IMAGES")
     return rows

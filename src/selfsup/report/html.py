@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..config import ConfigError
 from ..data import DataError, load_images
@@ -101,6 +102,11 @@ class RunPictures:
     maps: bytes | None = None
     tsne: bytes | None = None
     neighbours: bytes | None = None
+    clusters: bytes | None = None
+    duplicates: bytes | None = None
+    outliers: bytes | None = None
+    query_split: str = "test"
+    gallery_split: str = "train"
     method_figures: list[tuple[str, bytes]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -151,7 +157,10 @@ def draw_run(run_dir: str | Path, data: str | None = None, device: str = "auto",
         pics.notes.append("no data to draw embeddings with (pass --data)")
         return pics
     gallery = _load_split(spec, "train", size) or _load_split(spec, pics.config.get("data", {}).get("split", "train"), size)
-    queries = _load_split(spec, "test", size) or gallery
+    queries = _load_split(spec, "test", size)
+    pics.query_split = "test"
+    if queries is None or (gallery is not None and queries.source == gallery.source):
+        queries, pics.query_split = gallery, pics.gallery_split  # one split: queries from the gallery itself
     if gallery is None:
         pics.notes.append(f"could not load {spec} for the embedding pictures")
         return pics
@@ -165,13 +174,54 @@ def draw_run(run_dir: str | Path, data: str | None = None, device: str = "auto",
     qi = _pick(queries.labels, max_points, seed)
     qf = extract_features(enc, queries.images[qi], dev)
     qy = queries.labels[qi]
-    pics.tsne = plots.tsne(qf, qy, queries.classes, seed)
+    pics.tsne = plots.tsne(qf, qy, queries.classes, seed, split=pics.query_split)
     gi = _pick(gallery.labels, 5000, seed + 1)
     gf = extract_features(enc, gallery.images[gi], dev)
     show = _pick(qy, 6, seed + 2)[:6]
-    pics.neighbours = plots.neighbours(np.asarray(queries.images[qi][show]), qf[show], qy[show],
-                                       np.asarray(gallery.images[gi]), gf, gallery.labels[gi])
+    exclude = None
+    if queries is gallery:  # a query is never its own neighbour
+        where = {int(g): j for j, g in enumerate(gi)}
+        exclude = torch.tensor([where.get(int(qi[i]), -1) for i in show])
+    gimg = np.asarray(gallery.images[gi])
+    pics.neighbours = plots.neighbours(np.asarray(queries.images[qi][show]), qf[show], qy[show], gimg, gf,
+                                       gallery.labels[gi], exclude=exclude,
+                                       title=f"queries from the {pics.query_split} split, their nearest "
+                                             f"{pics.gallery_split} images (the query itself excluded)")
+    collection_pictures(pics, gimg, gf, seed)
     return pics
+
+
+def collection_pictures(pics: RunPictures, images: np.ndarray, feats: torch.Tensor, seed: int = 0,
+                        clusters: int = 8, per_cluster: int = 8) -> None:
+    """What a collection holds, without labels: k-means clusters of the embeddings (each row: the
+    images nearest one centroid), the most similar pairs (near-duplicates) and the images least like
+    any other (outliers)."""
+    from ..cluster import kmeans
+
+    if len(images) < 4:
+        return
+    x = torch.nn.functional.normalize(feats.float(), dim=1)
+    k = min(clusters, len(x))
+    centroids, assign = kmeans(x, k, iters=20, generator=torch.Generator().manual_seed(seed))
+    rows, titles = [], []
+    for c in range(k):
+        members = torch.nonzero(assign == c).flatten()
+        if len(members) == 0:
+            continue
+        d = (x[members] - centroids[c]).pow(2).sum(1)
+        rows.append(images[members[d.argsort()[:per_cluster]].numpy()])
+        titles.append(f"cluster {c + 1}\n{len(members)} images")
+    pics.clusters = plots.image_rows(rows, titles, title=f"k-means ({k} clusters) of {len(x)} {pics.gallery_split} "
+                                                            f"embeddings: the images nearest each centre")
+    pairs = plots.near_duplicates(x, 8)
+    pics.duplicates = plots.image_rows(
+        [images[[i for i, _, _ in pairs]], images[[j for _, j, _ in pairs]]], ["image", "its twin"],
+        [[f"{s:.3f}" for _, _, s in pairs]] * 2, title="near-duplicates: the most similar pairs (cosine)")
+    idx, score = plots.outliers(x, 16)
+    halves = [h for h in (slice(0, 8), slice(8, 16)) if len(idx[h])]
+    pics.outliers = plots.image_rows([images[idx[h].numpy()] for h in halves], [""] * len(halves),
+                                     [[f"{float(v):.2f}" for v in score[h]] for h in halves],
+                                     title="outliers: the lowest mean cosine to their 10 nearest other images")
 
 
 def run_sections(p: RunPictures, run_dir: Path) -> str:
@@ -197,7 +247,10 @@ def run_sections(p: RunPictures, run_dir: Path) -> str:
             f"<h3>{html.escape(n)}</h3>{img_tag(b, n)}" for n, b in p.method_figures))
     for title, png in (("Augmentation views", p.views), ("First-layer filters", p.filters),
                        ("Feature maps (most active channels per stage)", p.maps),
-                       ("t-SNE of test embeddings", p.tsne), ("Nearest neighbours (cosine, train images)", p.neighbours)):
+                       (f"t-SNE of {p.query_split} embeddings", p.tsne),
+                       (f"Nearest neighbours (cosine, {p.gallery_split} images)", p.neighbours),
+                       ("Clusters of the collection (k-means, no labels)", p.clusters),
+                       ("Near-duplicates", p.duplicates), ("Outliers", p.outliers)):
         if png is not None:
             parts.append(f"<h2>{title}</h2>{img_tag(png, title)}")
     return "\n".join(parts)

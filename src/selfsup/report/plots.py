@@ -153,7 +153,7 @@ def feature_maps(backbone, images: np.ndarray, view: AugConfig, input_mode: str,
     return _png(fig)
 
 
-def tsne(features: torch.Tensor, labels: np.ndarray, classes: list[str], seed: int = 0) -> bytes:
+def tsne(features: torch.Tensor, labels: np.ndarray, classes: list[str], seed: int = 0, split: str = "test") -> bytes:
     """t-SNE (scikit-learn; PCA to 50 dims first) of the embeddings, coloured by label."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
@@ -177,26 +177,83 @@ def tsne(features: torch.Tensor, labels: np.ndarray, classes: list[str], seed: i
         ax.scatter(y2[:, 0], y2[:, 1], s=5)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(f"t-SNE of {len(x)} test embeddings", fontsize=9)
+    ax.set_title(f"t-SNE of {len(x)} {split} embeddings", fontsize=9)
     return _png(fig)
 
 
-def neighbours(query_images: np.ndarray, query_feats: torch.Tensor, query_labels: np.ndarray,
-               gallery_images: np.ndarray, gallery_feats: torch.Tensor, gallery_labels: np.ndarray, k: int = 8) -> bytes:
-    """Each row: a query, then its ``k`` nearest gallery images by cosine similarity (a red title marks
-    a neighbour of another class)."""
-    plt = _plt()
+def nearest(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int,
+            exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, cosine similarities)`` ``(Q, k)`` of each query's ``k`` nearest gallery rows;
+    ``exclude[i]`` (a gallery index, or -1) is never among query ``i``'s (the query itself, when the
+    queries come from the gallery)."""
     sim = F.normalize(query_feats.float(), dim=1) @ F.normalize(gallery_feats.float(), dim=1).t()
-    top = sim.topk(min(k, sim.shape[1]), dim=1)
-    fig, axes = plt.subplots(len(query_images), top.indices.shape[1] + 1,
-                             figsize=(1.2 * (top.indices.shape[1] + 1), 1.25 * len(query_images)), squeeze=False)
+    if exclude is not None:
+        rows = torch.nonzero(exclude >= 0).flatten()
+        sim[rows, exclude[rows]] = -float("inf")
+    top = sim.topk(min(k, sim.shape[1] - (1 if exclude is not None else 0)), dim=1)
+    return top.indices, top.values
+
+
+def near_duplicates(feats: torch.Tensor, n: int = 8) -> list[tuple[int, int, float]]:
+    """The ``n`` most similar pairs ``(i, j, cosine)`` (i < j) of distinct rows of ``feats``."""
+    x = F.normalize(feats.float(), dim=1)
+    sim = x @ x.t()
+    sim = torch.triu(sim, diagonal=1) - torch.tril(torch.full_like(sim, 4.0))  # each pair once, no self
+    top = sim.flatten().topk(min(n, len(x) * (len(x) - 1) // 2))
+    return [(int(v) // len(x), int(v) % len(x), float(s)) for v, s in zip(top.indices, top.values)]
+
+
+def outliers(feats: torch.Tensor, n: int = 16, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, scores)`` of the ``n`` rows least like the others: the lowest mean cosine to their
+    ``k`` nearest other rows."""
+    x = F.normalize(feats.float(), dim=1)
+    sim = x @ x.t()
+    sim.fill_diagonal_(-float("inf"))
+    density = sim.topk(min(k, len(x) - 1), dim=1).values.mean(1)
+    low = density.topk(min(n, len(x)), largest=False)
+    return low.indices, low.values
+
+
+def neighbours(query_images: np.ndarray, query_feats: torch.Tensor, query_labels: np.ndarray,
+               gallery_images: np.ndarray, gallery_feats: torch.Tensor, gallery_labels: np.ndarray, k: int = 8,
+               exclude: torch.Tensor | None = None, title: str | None = None) -> bytes:
+    """Each row: a query, then its ``k`` nearest gallery images by cosine similarity (a red title marks
+    a neighbour of another class); ``exclude``: see :func:`nearest`."""
+    plt = _plt()
+    idx_all, sims = nearest(query_feats, gallery_feats, k, exclude)
+    fig, axes = plt.subplots(len(query_images), idx_all.shape[1] + 1,
+                             figsize=(1.2 * (idx_all.shape[1] + 1), 1.25 * len(query_images) + 0.3), squeeze=False)
     for i in range(len(query_images)):
         _show(axes[i][0], query_images[i])
         axes[i][0].set_title("query", fontsize=7)
-        for j, (idx, s) in enumerate(zip(top.indices[i].tolist(), top.values[i].tolist())):
+        for j, (idx, s) in enumerate(zip(idx_all[i].tolist(), sims[i].tolist())):
             ax = axes[i][j + 1]
             _show(ax, gallery_images[idx])
             same = query_labels[i] < 0 or gallery_labels[idx] == query_labels[i]
             ax.set_title(f"{s:.2f}", fontsize=7, color="black" if same else "red")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def image_rows(rows: list[np.ndarray], titles: list[str], col_titles: list[list[str]] | None = None,
+               title: str | None = None) -> bytes:
+    """Rows of uint8 NHWC images, a title per row (left) and optional per-image titles."""
+    plt = _plt()
+    ncol = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.1 * ncol + 1.0, 1.2 * len(rows) + 0.3), squeeze=False)
+    for i, r in enumerate(rows):
+        for j in range(ncol):
+            ax = axes[i][j]
+            if j < len(r):
+                _show(ax, r[j])
+                if col_titles:
+                    ax.set_title(col_titles[i][j], fontsize=6)
+            else:
+                ax.axis("off")
+        axes[i][0].set_ylabel(titles[i], fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     return _png(fig)
