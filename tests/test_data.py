@@ -429,3 +429,21 @@ def test_errors_come_before_decoding(tmp_path, labeled, monkeypatch):
     source = open_source(str(labeled))
     assert source.kind == "imagefolder" and len(source) == 5 and source.classes == ["bird", "cat", "dog"]
     assert source.fingerprint() == open_source(str(labeled)).fingerprint()
+
+
+def test_parallel_decoding_gives_the_same_cache_and_skips_the_same_files(tmp_path, monkeypatch):
+    """Image folders decode in worker processes (``SELFSUP_DECODE_WORKERS``, default one per core from
+    2,000 files on): the same images, labels, file order and skipped files as in one process."""
+    from conftest import make_folder
+
+    from selfsup.data import load_images
+
+    root = make_folder(tmp_path / "imgs", 6, size=12, seed=3)
+    (root / "class0" / "broken.png").write_bytes(b"not a png at all")
+    monkeypatch.setenv("SELFSUP_DECODE_WORKERS", "1")
+    one = load_images(str(root), image_size=12, cache_dir=str(tmp_path / "c1"), progress=False)
+    monkeypatch.setenv("SELFSUP_DECODE_WORKERS", "2")
+    two = load_images(str(root), image_size=12, cache_dir=str(tmp_path / "c2"), progress=False)
+    assert np.array_equal(np.asarray(one.images), np.asarray(two.images)) and np.array_equal(one.labels, two.labels)
+    assert one.files == two.files and len(one) == 24
+    assert [p for p, _ in two.skipped] == [p for p, _ in one.skipped] and len(two.skipped) == 1

@@ -122,6 +122,8 @@ def _build_entry(source: Source, image_size: int, base: str, progress: bool) -> 
         raise DataError(f"the decode cache of {source.describe()} needs {need / 1e6:,.0f} MB ({total} images at "
                         f"{image_size} px) in {os.path.dirname(base)}, which has {free / 1e6:,.0f} MB free; set "
                         f"SELFSUP_CACHE (or data.cache_dir) to a disk with room")
+    logger.info("decoding %d images of %s at %d px into the cache %s (%s MB, %s MB free)", total, source.describe(),
+                image_size, os.path.dirname(base), f"{need / 1e6:,.0f}", f"{free / 1e6:,.0f}")
     try:
         images = np.memmap(tmp_u8, dtype=np.uint8, mode="w+", shape=(total, image_size, image_size, 3))
         labels, files, skipped = [], [], []
