@@ -447,3 +447,19 @@ def test_parallel_decoding_gives_the_same_cache_and_skips_the_same_files(tmp_pat
     assert np.array_equal(np.asarray(one.images), np.asarray(two.images)) and np.array_equal(one.labels, two.labels)
     assert one.files == two.files and len(one) == 24
     assert [p for p, _ in two.skipped] == [p for p, _ in one.skipped] and len(two.skipped) == 1
+
+
+def test_parallel_decoding_from_the_command_line(tmp_path):
+    """``python -m selfsup`` spawns its decoding workers without re-running the command in them."""
+    import subprocess
+    import sys
+
+    from conftest import make_folder
+
+    root = make_folder(tmp_path / "imgs", 3, size=12, seed=4)
+    env = {**os.environ, "SELFSUP_DECODE_WORKERS": "2", "SELFSUP_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "selfsup", "embed", "random:convnet", "--data", str(root), "--out",
+                        str(tmp_path / "emb"), "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("decoding 12 images") == 1  # one decode, by the parent: the workers ran no command
+    assert (tmp_path / "emb.npy").exists()
