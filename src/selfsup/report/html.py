@@ -75,7 +75,7 @@ def eval_tables(run_dir: Path) -> str:
     for f in files:
         r = json.loads(f.read_text())
         detail = {k: r[k] for k in ("k", "weight_decay", "fraction", "n_labeled", "map", "clean_top1", "best_layer",
-                                    "mask_rate") if k in r}
+                                    "mask_rate", "pixel_acc", "finetune") if k in r}
         rows.append([f.stem, float(r["top1"]), r.get("n_train", ""), r.get("n_test", ""),
                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in detail.items())])
         if "layers" in r:
@@ -86,6 +86,12 @@ def eval_tables(run_dir: Path) -> str:
             extra.append("<h3>Robustness: linear probe top-1 per corruption and severity</h3>" + table(
                 ["corruption", *sev, "mean"],
                 [[n, *[float(v[s]) for s in sev], float(r["corruptions"][n])] for n, v in r["per_severity"].items()]))
+        if "per_class_iou" in r:
+            extra.append(f"<h3>Segmentation ({html.escape(f.stem)}): IoU per class</h3>" + table(
+                ["class", "IoU"], [[c, "-" if v is None else float(v)] for c, v in r["per_class_iou"].items()]))
+        picture = f.with_suffix(".png")
+        if picture.exists():  # e.g. segment.png: test frames, ground truth and prediction
+            extra.append(f"<h3>{html.escape(f.stem)}</h3>" + img_tag(picture.read_bytes(), f.stem))
     return table(["protocol", "top-1", "train", "test", "details"], rows) + "".join(extra)
 
 
