@@ -122,7 +122,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def check_matches(ckpt: dict, path: Path, method: str, backbone: str) -> None:
     """Raise :class:`CheckpointError` when the checkpoint is of another method or backbone than the
     run's config says (e.g. a file copied from another run)."""
-    theirs = (ckpt.get("method"), ckpt.get("backbone_spec", {}).get("name"))
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    # the run's model.backbone as the checkpoint's own config recorded it (a method may store another
+    # spec name: patches' fitted layer, emp_ssl's bag of crops); old checkpoints: the spec's name
+    theirs = (ckpt.get("method"), model.get("backbone") or ckpt.get("backbone_spec", {}).get("name"))
     if theirs != (method, backbone):
         raise CheckpointError(f"{path}: a checkpoint of a {theirs[0]} run with backbone {theirs[1]}, but this run's "
                               f"config.yaml says {method} with {backbone}; it was not made by this run")
