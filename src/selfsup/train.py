@@ -288,7 +288,9 @@ class Trainer:
                     raise ConfigError("train.sync_bn=true needs CUDA (torch's SyncBatchNorm); on CPU leave it off")
                 self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
             distributed.broadcast_module(self.method)
-        self.stream = BatchStream(data.images, cfg.train.batch_size, cfg.train.seed, self.device,
+        # a closed-form method (no phases: patches) takes no steps: any folder size will do
+        batch = cfg.train.batch_size if self.method.phases else min(cfg.train.batch_size, len(data))
+        self.stream = BatchStream(data.images, batch, cfg.train.seed, self.device,
                                   order_fn=self.method.epoch_order, rank=self.rank, world_size=self.world_size)
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.optimizers = build_phase_optimizers(self.method, cfg)
