@@ -234,3 +234,22 @@ def test_training_views_can_be_smaller_than_the_images(tiny_dataset, tmp_path):
     assert x.shape == (8, 3, 8, 8)
     t.fit()
     assert load_encoder(tmp_path / "run").spec["image_size"] == 16
+
+
+def test_tensorboard_logger_writes_the_metrics_as_scalars(tiny_dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from selfsup.train import Trainer
+
+    cfg = build_config("rotation", {"model": {"backbone": "convnet"},
+                                    "data": {"path": str(tiny_dataset / "train"), "image_size": 16},
+                                    "train": {"epochs": 2, "batch_size": 16, "device": "cpu", "log_every": 1,
+                                              "logger": "tensorboard"}, "optim": {"warmup_epochs": 0}})
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    loss = acc.Scalars("loss")
+    rows = read_metrics(tmp_path / "run")
+    assert [e.step for e in loss] == [int(r["step"]) for r in rows]
+    assert [round(e.value, 4) for e in loss] == [round(float(r["loss"]), 4) for r in rows]
+    assert "rankme" in acc.Tags()["scalars"]

@@ -80,6 +80,7 @@ class TrainConfig:
     #                            ending S seconds after the session started (e.g. [300, 600, 1200]: a curve of one run)
     log_every: int = 20  # steps between rows of metrics.csv
     log_seconds: float = 30.0  # seconds between plain progress lines when no progress bar is shown
+    logger: str = "csv"  # csv (metrics.csv) | tensorboard (metrics.csv and RUN_DIR/tensorboard events)
     sync_bn: bool = False  # distributed runs: SyncBatchNorm (batch statistics over all processes; CUDA)
 
 
@@ -319,6 +320,8 @@ def validate(cfg: Config) -> None:
         parse_duration(cfg.train.time_budget)  # raises ConfigError when malformed
     if any(float(t) <= 0 for t in cfg.train.keep_seconds):
         raise ConfigError(f"train.keep_seconds must be positive seconds, got {cfg.train.keep_seconds}")
+    if cfg.train.logger not in ("csv", "tensorboard"):
+        raise ConfigError(f"unknown train.logger '{cfg.train.logger}'; choose csv or tensorboard")
     if cfg.train.keep_every < 0:
         raise ConfigError(f"train.keep_every must be >= 0 (0: off), got {cfg.train.keep_every}")
     if cfg.train.total_steps is not None and cfg.train.total_steps < 1:

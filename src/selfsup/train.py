@@ -31,6 +31,7 @@ Run directory::
     RUN_DIR/checkpoints/previous.pt   the one before it (--resume falls back to it when last.pt is damaged)
     RUN_DIR/checkpoints/step_N.pt  every train.keep_every-th step's, when asked
     RUN_DIR/checkpoints/at_Ss.pt   the step that ended S seconds into the session (train.keep_seconds)
+    RUN_DIR/tensorboard/           the same scalars as TensorBoard events (train.logger=tensorboard)
     RUN_DIR/figures/               the method's pictures of its own task, drawn at the end of training
     RUN_DIR/skipped.txt            inputs that could not be decoded (if any)
 
@@ -207,11 +208,20 @@ class BatchStream:
 
 class MetricsLog:
     """``metrics.csv``: one row per logged step. On resume, rows after the checkpoint's step are
-    dropped (they will be replayed), so no step appears twice."""
+    dropped (they will be replayed), so no step appears twice. With ``tensorboard`` (a folder), every
+    numeric column is also written as a TensorBoard scalar (``train.logger=tensorboard``; the events
+    after the checkpoint's step are purged on resume, likewise)."""
 
-    def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
+    def __init__(self, path: Path, keep_until_step: int | None = None, tensorboard: Path | None = None) -> None:
         self.path = path
         self.fields: list[str] | None = None
+        self.tb = None
+        if tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("train.logger=tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(tensorboard), purge_step=keep_until_step + 1 if keep_until_step else None)
         if keep_until_step is not None and path.exists():
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
@@ -229,6 +239,15 @@ class MetricsLog:
             path.unlink()
 
     def write(self, row: dict[str, Any]) -> None:
+        if self.tb is not None:
+            for k, v in row.items():
+                if k in ("step", "epoch"):
+                    continue
+                try:
+                    self.tb.add_scalar(k, float(v), int(row["step"]))
+                except (TypeError, ValueError):  # empty cells (health between epochs), text
+                    pass
+            self.tb.flush()
         new = self.fields is None
         if new:
             self.fields = list(row.keys())
@@ -316,7 +335,9 @@ class Trainer:
             self.metrics = None
             return
         save_config(cfg, self.run_dir / "config.yaml")
-        self.metrics = MetricsLog(self.run_dir / "metrics.csv", keep_until_step=self.step if resume else None)
+        tb = self.run_dir / "tensorboard" if cfg.train.logger == "tensorboard" else None
+        self.metrics = MetricsLog(self.run_dir / "metrics.csv", keep_until_step=self.step if resume else None,
+                                  tensorboard=tb)
         if data.skipped:
             lines = [f"{path}\t{reason}" for path, reason in data.skipped]
             (self.run_dir / "skipped.txt").write_text("\n".join(lines) + "\n")
