@@ -96,7 +96,8 @@ def test_joint_augmentation_moves_image_and_mask_together():
     x = mask[:, None].float().repeat(1, 3, 1, 1)  # the image is its own mask
     ax, am = _joint_augment(x, mask, torch.Generator().manual_seed(0))
     agree = ((ax[:, 0] > 0.5).long() == am).float().mean()
-    assert agree > 0.95 and not torch.equal(am, mask)
+    mirrored = ((ax[:, 0] > 0.5).long() == am.flip(-1)).float().mean()  # what a mask flipped apart would give
+    assert agree > 0.9 and agree > mirrored + 0.05 and not torch.equal(am, mask)  # edges: bilinear vs nearest
 
 
 def test_the_segment_protocol_beats_chance_frozen_and_finetuned(seg_data, tmp_path, capsys):
@@ -104,7 +105,8 @@ def test_the_segment_protocol_beats_chance_frozen_and_finetuned(seg_data, tmp_pa
     from selfsup.evaluate import evaluate
 
     out = tmp_path / "ev"
-    r = evaluate("random:convnet", "segment", seg_data, seg_data, out=out, image_size=16, epochs=20, progress=False)
+    r = evaluate("random:convnet", "segment", seg_data, seg_data, out=out, image_size=16, epochs=40, lr=0.01,
+                 progress=False)
     # chance: predicting the majority class (background, ~80% of pixels) gives mIoU ~0.27
     assert r["miou"] > 0.6 and r["pixel_acc"] > 0.9, r
     assert set(r["per_class_iou"]) == {"0", "1", "2"} and r["network_size"] == [24, 24] and r["test_split"] == "test"

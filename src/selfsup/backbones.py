@@ -128,6 +128,7 @@ class Airbench(Backbone):
         w0 = 2 * in_chans * 4
         whiten = nn.Conv2d(in_chans, w0, 2, padding=0, bias=True)
         whiten.weight.requires_grad_(False)
+        nn.init.zeros_(whiten.weight)  # zero until fit_data: an unfitted layer is plain to see
         nn.init.zeros_(whiten.bias)
         dims = [width, 4 * width, 4 * width]
         self.stages.append(nn.Sequential(whiten, nn.GELU()))

@@ -158,7 +158,7 @@ def load_segmentation(spec: str | Path, split: str = "train", size: tuple[int, i
         images[i], masks[i] = image, mask
     if classes is None:
         if known is None:
-            ids = np.unique(masks)
+            ids = np.unique(masks).astype(np.int64)
             known = int(ids[ids != ignore].max(initial=-1)) + 1
         classes = (names_file[:known] if names_file and len(names_file) >= known
                    else [str(i) for i in range(known)])

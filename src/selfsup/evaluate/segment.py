@@ -190,9 +190,11 @@ def segment(encoder: Encoder, train: SegmentationSet, test: SegmentationSet, dev
     total = epochs * steps_per_epoch
     if not finetune:
         with torch.no_grad(), autocast(device, encoder.precision):
-            feats = torch.cat([dense_features(backbone, _resize_norm(
+            parts = [dense_features(backbone, _resize_norm(
                 torch.from_numpy(np.ascontiguousarray(train.images[i:i + batch_size])).permute(0, 3, 1, 2).to(device),
-                size, view, mode)).half().cpu() for i in range(0, n, batch_size)])
+                size, view, mode)).half().cpu() for i in range(0, n, batch_size)]
+        feats = torch.cat(parts)  # fp16 on the CPU (outside autocast: its cat refuses fp16 there)
+        del parts
         opt = torch.optim.AdamW(head.parameters(), lr=lr or 1e-3, weight_decay=1e-4)
     else:
         scale = 1.0 if encoder.name.startswith("random:") else 0.1
