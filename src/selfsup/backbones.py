@@ -279,7 +279,9 @@ class PatchEncoder(Backbone):
             half = self.norms.view(1, -1, 1, 1) / 2
             out = []
             for score in (c - half, -c - half):
-                kth = score.topk(self.q, dim=1).values[:, -1:]  # the q-th largest score per window
+                # the q-th largest score per window: a selection, not a sort (topk sorted 87 million
+                # rows of 1,024 for CIFAR-10's 60,000 images and took over 23 minutes on 2 cores)
+                kth = score.kthvalue(self.k - self.q + 1, dim=1, keepdim=True).values
                 out.append((score >= kth).float())
             return torch.cat(out, dim=1)
 
