@@ -95,7 +95,7 @@ def main() -> None:
             out["loss"].backward()
             opts[phase].step()
         model.after_step(0, 1000)
-        float(out["loss"])
+        float(out["loss"].detach())
 
     # -- the bare backbone, forward + backward + SGD step on as many pixels
     backbone = copy.deepcopy(method.backbone)
