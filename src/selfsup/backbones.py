@@ -408,6 +408,31 @@ class TorchvisionBackbone(Backbone):
         return [m for m in maps if m.dim() == 4]
 
 
+DATA_FIT_IMAGES = 5000  # training images a layer fitted from the data sees (airbench's whitening: 5,000)
+
+
+def fit_layers_from_data(module: nn.Module, images, view, input_mode: str = "rgb",
+                         device: torch.device | str = "cpu") -> bool:
+    """Set every layer of ``module`` that is fitted from the data (``fit_data``: airbench's whitening
+    conv), in every copy it holds (EMA teachers too), from the evaluation view of the first
+    ``DATA_FIT_IMAGES`` uint8 NHWC ``images``; the trainer calls it before the first step, evaluation
+    for a ``random:`` baseline. Returns whether any layer was fitted."""
+    from .data.views import eval_input
+
+    layers = [m for m in module.modules() if m is not module and callable(getattr(m, "fit_data", None))]
+    if callable(getattr(module, "fit_data", None)):
+        layers.append(module)
+    if not layers:
+        return False
+    import numpy as np
+
+    x = torch.from_numpy(np.array(images[:DATA_FIT_IMAGES])).permute(0, 3, 1, 2).to(device)
+    x = eval_input(x, view, input_mode)
+    for m in layers:
+        m.fit_data(x)
+    return True
+
+
 def is_torchvision(name: str) -> bool:
     return name.startswith("torchvision:")
 

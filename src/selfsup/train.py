@@ -63,8 +63,8 @@ from . import distributed
 from .checkpoint import CheckpointError, atomic_torch_save, load_run_checkpoint, save_keeping_previous
 from .checkpoint import load_checkpoint  # noqa: F401 - re-exported: selfsup.train.load_checkpoint
 from .config import Config, ConfigError, finalize, load_config, parse_duration, save_config, update_dataclass
+from .backbones import fit_layers_from_data
 from .data import CachedImages, load_images
-from .data.views import eval_input
 from .methods import Method, get_method
 from .monitor import collapse_warning, embedding_health
 from .optim import build_optimizer, lr_factor, warmup_steps_for
@@ -77,7 +77,6 @@ HEALTH_SAMPLES = 512
 PLAN_WARMUP_STEPS = 5  # steps of a time budget's probe not timed (first-call allocations, kernel choice)
 PLAN_MIN_STEPS = 10  # timed steps at least
 PLAN_MIN_SECONDS = 4.0  # and at least this many seconds of timed steps (or 3% of the budget)
-DATA_FIT_IMAGES = 5000  # training images a layer fitted from the data sees (airbench's whitening: 5,000)
 REPLAN_AT = (0.25, 0.5, 0.75)  # fractions of a time budget at which the run re-measures its pace
 REPLAN_MIN_BUDGET = 120.0  # seconds: shorter budgets keep the rehearsal's plan
 PLAN_MARGIN = 0.02  # fraction of the budget kept free for what the plan cannot measure
@@ -298,7 +297,8 @@ class Trainer:
         self.data = data
         torch.manual_seed(cfg.train.seed)
         self.method: Method = get_method(cfg.method)(cfg).to(self.device)
-        self._fit_layers_from_data(data, resume)
+        if not resume:  # e.g. airbench's whitening, in every copy of the backbone; a resumed run has it
+            fit_layers_from_data(self.method, data.images, cfg.aug, self.method.input_mode, self.device)
         if cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         if self.world_size > 1:
@@ -343,19 +343,6 @@ class Trainer:
             (self.run_dir / "skipped.txt").write_text("\n".join(lines) + "\n")
             log.warning("%d input file(s) could not be decoded and were skipped; list in %s",
                         len(data.skipped), self.run_dir / "skipped.txt")
-
-    def _fit_layers_from_data(self, data: CachedImages, resume: bool) -> None:
-        """Layers set from the training images before the first step (airbench's frozen whitening
-        conv: ``fit_data``), in every copy of the backbone the method holds (EMA teachers too), from
-        the evaluation view of the first ``DATA_FIT_IMAGES`` images; a resumed run has them in its
-        checkpoint."""
-        layers = [m for m in self.method.modules() if m is not self.method and callable(getattr(m, "fit_data", None))]
-        if not layers or resume:
-            return
-        x = torch.from_numpy(np.array(data.images[:DATA_FIT_IMAGES])).permute(0, 3, 1, 2).to(self.device)
-        x = eval_input(x, self.cfg.aug, self.method.input_mode)
-        for m in layers:
-            m.fit_data(x)
 
     def set_length(self, total_steps: int) -> None:
         """Fix the run's length; every schedule (lr, momentum, temperatures) follows it."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backbones import Backbone, backbone_spec, build_backbone, cached_torchvision_weights
+from ..backbones import Backbone, backbone_spec, build_backbone, cached_torchvision_weights, fit_layers_from_data
 from ..config import ConfigError
 from ..data.cache import default_cache_dir
 from ..data.views import AugConfig
@@ -72,27 +72,16 @@ def read_run_checkpoint(run: str | Path) -> dict:
     return ckpt
 
 
-DATA_FIT_IMAGES = 5000  # as the trainer (selfsup.train.DATA_FIT_IMAGES)
-
-
 def fit_random_from_data(encoder: Encoder, images: np.ndarray, device: str | torch.device = "cpu") -> bool:
     """A ``random:`` baseline whose backbone has layers set from the data (airbench's whitening conv,
     ``fit_data``) gets them from ``images`` (the evaluation's training images, no labels), as a run's
     trainer does before its first step; a trained run's are in its checkpoint. Returns whether any
     layer was fitted."""
-    from ..data.views import AugConfig, eval_input
-
-    layers = [m for m in encoder.backbone.modules() if callable(getattr(m, "fit_data", None))]
-    if not layers or not encoder.name.startswith("random:"):
+    if not encoder.name.startswith("random:"):
         return False
     device = resolve_device(device) if isinstance(device, str) else device
     view = AugConfig(size=encoder.spec["image_size"], mean=encoder.mean, std=encoder.std)
-    x = torch.from_numpy(np.array(images[:DATA_FIT_IMAGES])).permute(0, 3, 1, 2).to(device)
-    x = eval_input(x, view, encoder.input_mode)
-    encoder.backbone.to(device)
-    for m in layers:
-        m.fit_data(x)
-    return True
+    return fit_layers_from_data(encoder.backbone.to(device), images, view, encoder.input_mode, device)
 
 
 def load_encoder(run: str | Path, image_size: int | None = None, seed: int = 0) -> Encoder:
