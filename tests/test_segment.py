@@ -119,3 +119,31 @@ def test_the_segment_protocol_beats_chance_frozen_and_finetuned(seg_data, tmp_pa
     assert "segment mIoU" in capsys.readouterr().out and (out / "segment_finetune.json").exists()
     with pytest.raises(Exception, match="apply to the segment protocol"):
         evaluate("random:convnet", "knn", seg_data, seg_data, out=out, finetune=True, progress=False)
+
+
+def test_frozen_segmentation_features_are_remembered_and_a_vit_segments_too(seg_data, tmp_path, caplog):
+    """A second frozen evaluation of the same backbone on the same frames reads its features (and its
+    precise-BN statistics) from the cache and scores exactly the same; a ViT's patch tokens serve as
+    maps (network size snapped to its patch size)."""
+    import logging
+
+    from selfsup.evaluate import evaluate
+
+    cache = tmp_path / "cache"
+    kw = dict(out=tmp_path / "a", image_size=16, epochs=5, lr=0.01, progress=False, cache_dir=str(cache))
+    first = evaluate("random:convnet", "segment", seg_data, seg_data, **kw)
+    files = list((cache / "features").glob("seg-*.pt"))
+    assert len(files) == 1
+    with caplog.at_level(logging.INFO, logger="selfsup"):
+        second = evaluate("random:convnet", "segment", seg_data, seg_data, **{**kw, "out": tmp_path / "b"})
+    assert any("features of 16 frames from" in r.getMessage() for r in caplog.records)
+    assert second["miou"] == first["miou"] and second["confusion"] == first["confusion"]
+    assert second["precise_bn"] == first["precise_bn"] == 16
+    files[0].write_bytes(b"damaged")  # a damaged cache file is recomputed, never a crash
+    third = evaluate("random:convnet", "segment", seg_data, seg_data, **{**kw, "out": tmp_path / "c"})
+    assert third["miou"] == first["miou"]
+
+    r = evaluate("random:vit_tiny", "segment", seg_data, seg_data, out=tmp_path / "v", image_size=16, epochs=40,
+                 lr=0.01, progress=False, cache_dir=str(cache))
+    assert r["stride"] == 4 and r["network_size"] == [24, 20], r  # 24 x 20 frames, 4 px patches
+    assert r["miou"] > 0.45, r  # chance (all background) ~0.27

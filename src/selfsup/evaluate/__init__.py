@@ -183,7 +183,7 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
     size = encoder.spec["image_size"]
     if protocol == "segment":
         return _segment_protocol(encoder, run, train, test, test_split, out, device, seed, finetune, epochs, lr,
-                                 batch_size, ignore_index, precise_bn_stats, t0)
+                                 batch_size, ignore_index, precise_bn_stats, cache_dir, t0)
     if test_fraction is not None:
         full = _labeled(train, "train", size, cache_dir, progress)
         tr_idx, te_idx = holdout_split(full.labels, test_fraction, seed)
@@ -269,7 +269,7 @@ __all__ = ["PROTOCOLS", "Encoder", "balanced_subset", "evaluate", "fraction_subs
 
 
 def _segment_protocol(encoder, run, train, test, test_split, out, device, seed, finetune, epochs, lr, batch_size,
-                      ignore_index, precise_bn_stats, t0) -> dict:
+                      ignore_index, precise_bn_stats, cache_dir, t0) -> dict:
     """``segment``: a segmentation folder's train split against its test split (else val; see
     :mod:`selfsup.evaluate.segment`); writes ``segment.json`` (``segment_finetune.json`` with
     ``finetune``) and a picture of test frames."""
@@ -289,7 +289,8 @@ def _segment_protocol(encoder, run, train, test, test_split, out, device, seed, 
             log.warning("segment: skipped %d pair(s) of %s: %s", len(data.skipped), data.source,
                         "; ".join(f"{Path(f).name}: {why}" for f, why in data.skipped[:5]))
     r, backbone, head, size = segment(encoder, tr, te, device, finetune=finetune, epochs=epochs, lr=lr,
-                                      batch_size=batch_size or 8, seed=seed, precise_bn_stats=precise_bn_stats)
+                                      batch_size=batch_size or 8, seed=seed, precise_bn_stats=precise_bn_stats,
+                                      cache_dir=cache_dir)
     name = "segment_finetune" if finetune else "segment"
     result = {"protocol": "segment", "run": run, "train": train, "test": test, "test_split": split,
               "n_train": len(tr), "n_test": len(te), "num_classes": tr.num_classes, "classes": tr.classes,

@@ -26,8 +26,10 @@ test masks or predicted, pixel accuracy = correct / labelled.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,8 @@ import torch.nn.functional as F
 
 from ..data.segmentation import SegmentationSet
 from ..data.views import AugConfig
+from ..checkpoint import atomic_torch_save
+from ..data.cache import default_cache_dir
 from ..runtime import autocast, resolve_device
 from .features import Encoder
 
@@ -163,11 +167,74 @@ def _joint_augment(x: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> t
     return torch.cat(xs).contiguous(memory_format=torch.channels_last), torch.cat(ms)
 
 
+SEGMENT_CACHE_KEEP = 4  # segmentation feature files kept (each up to SEGMENT_CACHE_MAX_BYTES)
+SEGMENT_CACHE_MAX_BYTES = 4 << 30  # larger feature sets are recomputed every time, never written
+
+
+def frozen_features(backbone: nn.Module, images: np.ndarray, view: AugConfig, size: tuple[int, int], device,
+                    input_mode: str, precision: str, batch_size: int = 8, precise_bn_stats: bool = True,
+                    cache_dir: str | None = None) -> tuple[torch.Tensor, int]:
+    """The frozen protocol's inputs: precise BN on ``images`` (when asked), then :func:`dense_features`
+    of every frame, fp16 on the CPU. Returns ``(features, frames used for precise BN)``; ``backbone``
+    is left in eval mode with the re-estimated statistics.
+
+    Remembered on disk like the classification protocols' features (``<cache>/features``, see
+    :func:`selfsup.evaluate.features.cached_features`): the key hashes the backbone's weights and
+    buffers before precise BN, the frames' pixels, the network size, the view and the precision, and
+    the file holds the features and the re-estimated BatchNorm buffers, so a second evaluation of the
+    same run on the same frames skips both passes. At most ``SEGMENT_CACHE_KEEP`` such files are kept
+    (a CamVid train split is about 1 GB for the convnet); ``SELFSUP_FEATURE_CACHE=0`` turns it off."""
+    use_cache = os.environ.get("SELFSUP_FEATURE_CACHE", "1") != "0"
+    path = None
+    if use_cache:
+        h = hashlib.sha256()
+        for name, t in backbone.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(np.ascontiguousarray(images).data)
+        h.update(repr((tuple(size), tuple(view.mean), tuple(view.std), input_mode, precision, bool(precise_bn_stats),
+                       images.shape, torch.__version__, "segment-v1")).encode())
+        path = Path(cache_dir or default_cache_dir()) / "features" / f"seg-{h.hexdigest()[:32]}.pt"
+        if path.exists():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                feats, buffers = saved["features"], saved["buffers"]
+                if feats.ndim == 4 and len(feats) == len(images):
+                    own = dict(backbone.named_buffers())
+                    for k, v in buffers.items():
+                        own[k].copy_(v)
+                    os.utime(path)
+                    log.info("segment: features of %d frames from %s", len(images), path)
+                    return feats, int(saved["bn_images"])
+            except Exception as e:  # a damaged file: compute again and overwrite it
+                log.warning("ignoring unreadable segmentation feature cache %s (%s)", path, e)
+    bn_images = _precise_bn(backbone, images, view, size, device, input_mode) if precise_bn_stats else 0
+    backbone.eval()
+    with torch.no_grad(), autocast(device, precision):
+        parts = [dense_features(backbone, _resize_norm(
+            torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device),
+            size, view, input_mode)).half().cpu() for i in range(0, len(images), batch_size)]
+    feats = torch.cat(parts)  # fp16 on the CPU (outside autocast: its cat refuses fp16 there)
+    del parts
+    if path is not None and feats.numel() * feats.element_size() <= SEGMENT_CACHE_MAX_BYTES:
+        try:
+            buffers = {k: v.detach().cpu() for k, v in backbone.named_buffers()}
+            atomic_torch_save({"features": feats, "buffers": buffers, "bn_images": bn_images}, path)
+            old = sorted(path.parent.glob("seg-*.pt"), key=lambda p: p.stat().st_mtime)[:-SEGMENT_CACHE_KEEP]
+            for p in old:
+                p.unlink(missing_ok=True)
+        except OSError as e:  # a read-only or full disk costs speed, never the result
+            log.warning("could not write the segmentation feature cache %s (%s)", path, e)
+    return feats, bn_images
+
+
 def segment(encoder: Encoder, train: SegmentationSet, test: SegmentationSet, device: torch.device | str = "auto",
             finetune: bool = False, epochs: int | None = None, lr: float | None = None, batch_size: int = 8,
-            seed: int = 0, precise_bn_stats: bool = True) -> tuple[dict, nn.Module, nn.Module, tuple[int, int]]:
+            seed: int = 0, precise_bn_stats: bool = True, cache_dir: str | None = None
+            ) -> tuple[dict, nn.Module, nn.Module, tuple[int, int]]:
     """Train the head (and, with ``finetune``, the backbone) on ``train``, score ``test``. Returns
-    ``(result, backbone, head, network size)``."""
+    ``(result, backbone, head, network size)``. The frozen features come from :func:`frozen_features`
+    (remembered on disk)."""
     device = resolve_device(device) if isinstance(device, str) else device
     if train.num_classes < 2:
         raise ValueError(f"segmentation needs at least 2 classes in the training masks, found {train.num_classes}")
@@ -180,7 +247,7 @@ def segment(encoder: Encoder, train: SegmentationSet, test: SegmentationSet, dev
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     n = len(train)
-    bn_images = _precise_bn(backbone, train.images, view, size, device, mode) if precise_bn_stats and not finetune else 0
+    bn_images = 0  # fine-tuning trains the BatchNorm statistics with the rest
     with torch.no_grad():
         channels = dense_features(backbone, torch.zeros(1, backbone_in_chans(backbone), *size, device=device)).shape[1]
     head = SegmentationHead(channels, k).to(device)
@@ -189,12 +256,8 @@ def segment(encoder: Encoder, train: SegmentationSet, test: SegmentationSet, dev
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
     if not finetune:
-        with torch.no_grad(), autocast(device, encoder.precision):
-            parts = [dense_features(backbone, _resize_norm(
-                torch.from_numpy(np.ascontiguousarray(train.images[i:i + batch_size])).permute(0, 3, 1, 2).to(device),
-                size, view, mode)).half().cpu() for i in range(0, n, batch_size)]
-        feats = torch.cat(parts)  # fp16 on the CPU (outside autocast: its cat refuses fp16 there)
-        del parts
+        feats, bn_images = frozen_features(backbone, train.images, view, size, device, mode, encoder.precision,
+                                           batch_size, precise_bn_stats, cache_dir)
         opt = torch.optim.AdamW(head.parameters(), lr=lr or 1e-3, weight_decay=1e-4)
     else:
         scale = 1.0 if encoder.name.startswith("random:") else 0.1
@@ -226,7 +289,7 @@ def segment(encoder: Encoder, train: SegmentationSet, test: SegmentationSet, dev
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         log.info("segment: epoch %d/%d loss %.4f", epoch + 1, epochs, float(np.mean(losses[-steps_per_epoch:])))
     backbone.eval()
     head.eval()
