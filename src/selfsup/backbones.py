@@ -408,6 +408,87 @@ class TorchvisionBackbone(Backbone):
         return [m for m in maps if m.dim() == 4]
 
 
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("timm:NAME backbones need timm: pip install timm") from None
+    return timm
+
+
+def cached_timm_weights(name: str) -> tuple[str, dict]:
+    """``(file, pretrained_cfg)`` of timm model ``name``'s default pretrained weights when that file is
+    already in the Hugging Face cache (``$HF_HUB_CACHE``, else ``~/.cache/huggingface/hub``); nothing is
+    ever downloaded. Raises ValueError (saying where the file is expected) otherwise."""
+    import os
+
+    timm = _timm()
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name) or timm.create_model(name, pretrained=False).pretrained_cfg
+    except RuntimeError as e:
+        raise ValueError(f"timm has no pretrained weights for '{name}' ({e})") from None
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    repo = cfg.get("hf_hub_id")
+    if not repo:
+        raise ValueError(f"timm:{name} has no weights on the Hugging Face hub (its pretrained_cfg names none)")
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(repo, filename, cache_dir=cache)
+        if isinstance(path, str) and os.path.exists(path):
+            return path, cfg
+    raise ValueError(f"the pretrained weights of timm:{name} are not in the local Hugging Face cache ({cache}, "
+                     f"repository {repo}); selfsup never downloads: fetch them once, e.g. with "
+                     f"timm.create_model('{name}', pretrained=True)")
+
+
+class TimmBackbone(Backbone):
+    """Any timm model (``timm.create_model(name, num_classes=0)``: ResNets, ConvNeXt, EfficientNet,
+    RegNet, ViTs, ...): ``forward`` gives its pooled features, ``forward_stages`` its intermediate maps
+    (``forward_intermediates``, NCHW; a ViT's patch tokens as maps), none for a model without it.
+    ``pretrained``: timm's default weights, only from the local Hugging Face cache
+    (:func:`cached_timm_weights`). ViTs are built for ``image_size`` (their position embeddings)."""
+
+    def __init__(self, name: str, image_size: int = 224, in_chans: int = 3, pretrained: bool = False) -> None:
+        super().__init__()
+        timm = _timm()
+        if not timm.is_model(name.split(".", 1)[0]):
+            raise ValueError(f"unknown timm model '{name}'; see timm.list_models()")
+        kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
+        if pretrained:
+            path, _ = cached_timm_weights(name)
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": path})
+        try:
+            model = timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError:  # a model without a fixed input size (convolutional)
+            model = timm.create_model(name, **kwargs)
+        self.model, self.name = model, name
+        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            x = torch.zeros(1, in_chans, image_size, image_size)
+            self.out_dim = int(model(x).flatten(1).shape[1])
+            maps = self.forward_stages(x)
+            model.train(was)
+        self.stage_names = [f"stage{i + 1}" for i in range(len(maps))]
+        self.stage_dims = [int(m.shape[1]) for m in maps]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.model(x), 1)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not hasattr(self.model, "forward_intermediates"):
+            return []
+        try:
+            maps = self.model.forward_intermediates(x, intermediates_only=True)
+        except (NotImplementedError, TypeError):
+            return []
+        return [m for m in maps if m.dim() == 4]
+
+
 DATA_FIT_IMAGES = 5000  # training images a layer fitted from the data sees (airbench's whitening: 5,000)
 
 
@@ -437,17 +518,26 @@ def is_torchvision(name: str) -> bool:
     return name.startswith("torchvision:")
 
 
+def is_zoo(name: str) -> bool:
+    """A model-zoo backbone: ``torchvision:NAME`` or ``timm:NAME`` (the ones with pretrained weights)."""
+    return name.startswith(("torchvision:", "timm:"))
+
+
 def build_backbone(name: str, image_size: int = 32, small_stem: bool | None = None,
                    in_chans: int = 3, options: dict | None = None, pretrained: bool = False) -> Backbone:
     """Build a randomly initialised backbone. ``small_stem=None`` picks it for images <= 64 px.
     ``patches`` (the ``patches`` method's fitted layer, not a choice for the other methods) takes its
     sizes from ``options`` (``k``, ``patch``, ``q``, ``grid``), as stored in its backbone spec;
     ``crop_bag`` (how ``emp_ssl`` is evaluated) wraps ``options["inner"]``; ``torchvision:NAME`` is any
-    torchvision classification model (``pretrained``: its cached DEFAULT weights)."""
+    torchvision classification model (``pretrained``: its cached DEFAULT weights), ``timm:NAME`` any timm
+    model (``pretrained``: its default weights from the Hugging Face cache)."""
     if is_torchvision(name):
         return TorchvisionBackbone(name.split(":", 1)[1], image_size, in_chans, pretrained)
+    if name.startswith("timm:"):
+        return TimmBackbone(name.split(":", 1)[1], image_size, in_chans, pretrained)
     if pretrained:
-        raise ValueError(f"model.pretrained needs a torchvision:NAME backbone; '{name}' has no pretrained weights")
+        raise ValueError(f"model.pretrained needs a torchvision:NAME or timm:NAME backbone; '{name}' has no "
+                         f"pretrained weights")
     if name == "patches":
         return PatchEncoder(image_size, in_chans, **(options or {}))
     if name == "crop_bag":  # options: the inner backbone's name and the bag's n, scale, size, seed

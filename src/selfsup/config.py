@@ -48,8 +48,9 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet18"  # resnet18 | resnet50 | convnet | airbench | vit_tiny | vit_small | vit_micro
     #                             (tests) | torchvision:NAME (any torchvision classification model)
+    #                             | timm:NAME (any timm model; needs timm)
     small_stem: bool | None = None  # 3x3 conv1, no max-pool; None = automatic (image_size <= 64)
-    pretrained: bool = False  # torchvision:NAME only: start from its DEFAULT weights (from the local cache)
+    pretrained: bool = False  # torchvision:NAME / timm:NAME only: start from their default weights (local cache)
 
 
 @dataclass
@@ -299,10 +300,19 @@ def validate(cfg: Config) -> None:
         if name.split(":", 1)[1] not in torchvision.models.list_models(module=torchvision.models):
             raise ConfigError(f"unknown torchvision classification model '{name.split(':', 1)[1]}'; see "
                               f"torchvision.models.list_models(module=torchvision.models)")
+    elif name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            raise ConfigError(f"{name}: timm:NAME backbones need timm (pip install timm)") from None
+        if not timm.is_model(name.split(":", 1)[1].split(".", 1)[0]):
+            raise ConfigError(f"unknown timm model '{name.split(':', 1)[1]}'; see timm.list_models()")
     elif name not in BACKBONES:
-        raise ConfigError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)} or torchvision:NAME")
-    if cfg.model.pretrained and not name.startswith("torchvision:"):
-        raise ConfigError(f"model.pretrained=true needs a torchvision:NAME backbone; '{name}' has no pretrained weights")
+        raise ConfigError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}, torchvision:NAME or "
+                          f"timm:NAME")
+    if cfg.model.pretrained and not name.startswith(("torchvision:", "timm:")):
+        raise ConfigError(f"model.pretrained=true needs a torchvision:NAME or timm:NAME backbone; '{name}' has no "
+                          f"pretrained weights")
     if cfg.optim.name not in ("sgd", "lars", "adamw"):
         raise ConfigError(f"unknown optimizer '{cfg.optim.name}'; choose sgd, lars or adamw")
     if cfg.train.precision not in ("auto", "bf16", "fp16", "fp32"):

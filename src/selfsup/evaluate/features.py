@@ -88,20 +88,27 @@ def load_encoder(run: str | Path, image_size: int | None = None, seed: int = 0) 
     """``run`` is a run directory, a checkpoint file (a ``str`` or a ``Path``, e.g. what
     :func:`selfsup.pretrain` returns), ``random:BACKBONE`` (untrained baseline, initialised with
     ``seed``; ``image_size`` picks its stem), or ``pretrained:torchvision:NAME`` (torchvision's DEFAULT
-    weights from the local cache, its ImageNet normalisation; ``image_size`` default 224)."""
+    weights from the local cache, its ImageNet normalisation; ``image_size`` default 224) or
+    ``pretrained:timm:NAME`` (timm's default weights from the Hugging Face cache, their normalisation)."""
     defaults = AugConfig()
     run = str(run)
-    if run.startswith("pretrained:"):  # an off-the-shelf encoder: pretrained:torchvision:NAME
+    if run.startswith("pretrained:"):  # an off-the-shelf encoder: pretrained:torchvision:NAME or pretrained:timm:NAME
         name = run.split(":", 1)[1]
-        if not name.startswith("torchvision:"):
-            raise ConfigError(f"{run}: pretrained encoders are torchvision:NAME (e.g. pretrained:torchvision:resnet50)")
+        if not name.startswith(("torchvision:", "timm:")):
+            raise ConfigError(f"{run}: pretrained encoders are torchvision:NAME or timm:NAME (e.g. "
+                              f"pretrained:torchvision:resnet50, pretrained:timm:convnext_tiny)")
         size = image_size or 224
         try:
             backbone = build_backbone(name, size, pretrained=True)
-            t = cached_torchvision_weights(name.split(":", 1)[1]).transforms()
+            if name.startswith("timm:"):
+                mean, std = backbone.pretrained_cfg.get("mean"), backbone.pretrained_cfg.get("std")
+            else:
+                t = cached_torchvision_weights(name.split(":", 1)[1]).transforms()
+                mean, std = t.mean, t.std
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        return Encoder(backbone.eval(), backbone_spec(name, size, None), tuple(t.mean), tuple(t.std), run)
+        mean, std = tuple(mean or defaults.mean), tuple(std or defaults.std)
+        return Encoder(backbone.eval(), backbone_spec(name, size, None), mean, std, run)
     if run.startswith("random:"):
         name = run.split(":", 1)[1]
         size = image_size or 32
