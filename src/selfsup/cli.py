@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                     "measures its throughput, fixes its length to end within it (replaces --epochs) and prints the plan")
     pt.add_argument("--batch-size", type=int)
     pt.add_argument("--image-size", type=int, help="side of the (square) training images, default 32")
-    pt.add_argument("--backbone", help="resnet18 | resnet50 | convnet | airbench | vit_tiny | vit_small")
+    pt.add_argument("--backbone", help="resnet18 | resnet50 | convnet | airbench | vit_tiny | vit_small | "
+                    "torchvision:NAME | timm:NAME (needs timm)")
     pt.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
     pt.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<method>-<time>)")
     pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -51,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     ev = sub.add_parser("evaluate", help="evaluate a pretrained (or random) backbone on labeled data")
-    ev.add_argument("run", metavar="RUN_DIR", help="a run directory, or random:BACKBONE for the untrained baseline")
+    ev.add_argument("run", metavar="RUN_DIR", help="a run directory, random:BACKBONE for the untrained baseline, or "
+                    "pretrained:torchvision:NAME / pretrained:timm:NAME (off-the-shelf weights from the local cache)")
     ev.add_argument("--protocol", required=True, choices=PROTOCOLS)
     ev.add_argument("--train", required=True, metavar="PATH", help="labeled training data: its train/ split, or the "
                     "whole folder when it has no split sub-folders")
