@@ -89,24 +89,70 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | 
     return torch.amp.GradScaler(device.type)
 
 
+PROGRESS_EVERY_S = 30.0  # a plain progress line this often when stderr is not a terminal
+
+
+class ProgressMeter:
+    """Progress of a long pass over ``total`` items: a tqdm bar when stderr is a terminal, otherwise a log
+    line every ``PROGRESS_EVERY_S`` seconds (``label: done/total, rate/s, about S s left``), so a run
+    under ``nohup`` or a pipe says where it is."""
+
+    def __init__(self, label: str, total: int) -> None:
+        import logging
+        import sys
+        import time
+
+        self.label, self.total, self._time = label, total, time.perf_counter
+        self.t0 = self.last = self._time()
+        self.log = logging.getLogger("selfsup")
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="img", leave=False)
+        self.done = 0
+
+    def update(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.done)
+        self.done = done
+        now = self._time()
+        if self.bar is None and now - self.last >= PROGRESS_EVERY_S and done < self.total:
+            rate = done / max(now - self.t0, 1e-9)
+            self.log.info("%s: %d/%d images, %.0f img/s, about %.0f s left", self.label, done, self.total, rate,
+                          (self.total - done) / max(rate, 1e-9))
+            self.last = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @torch.no_grad()
 def embed(backbone: nn.Module, images: np.ndarray, view: AugConfig, device: torch.device,
           precision: str = "auto", batch_size: int = 256, input_mode: str = "rgb",
-          head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+          head: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: str | None = None) -> torch.Tensor:
     """Pooled features ``(N, D)`` (float32, on the CPU) of uint8 NHWC images, through the
     deterministic evaluation view (resize + normalise, or the L channel for ``input_mode="lab_l"``).
     The backbone runs in eval mode and is put back in the mode it had. ``head`` (optional) maps each
     batch of features to what is returned instead (e.g. SwAV's prototype ids), under the same
-    autocast; its modules' modes are the caller's business."""
+    autocast; its modules' modes are the caller's business. ``progress`` (a label) shows a progress
+    bar on a terminal, else a plain log line every ``PROGRESS_EVERY_S`` seconds (images done, img/s,
+    time left)."""
     was_training = backbone.training
     backbone.eval()
     out = []
+    meter = ProgressMeter(progress, len(images)) if progress else None
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device)
         x = eval_input(x, view, input_mode).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             f = backbone(x).float()
             out.append((f if head is None else head(f)).cpu())
+        if meter is not None:
+            meter.update(min(i + batch_size, len(images)))
+    if meter is not None:
+        meter.close()
     backbone.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, getattr(backbone, "out_dim", 0))
 

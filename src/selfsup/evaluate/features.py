@@ -134,13 +134,18 @@ def load_encoder(run: str | Path, image_size: int | None = None, seed: int = 0) 
                    str(run), ckpt["config"]["train"].get("precision", "bf16"), spec.get("input", "rgb"))
 
 
+PROGRESS_MIN_IMAGES = 5000  # feature extraction of at least this many images reports its progress
+
+
 def extract_features(encoder: Encoder, images: np.ndarray, device: str | torch.device = "auto",
-                     batch_size: int = 512) -> torch.Tensor:
-    """Pooled backbone features ``(N, D)`` (float32, on the CPU) of uint8 NHWC images."""
+                     batch_size: int = 512, progress: bool = True) -> torch.Tensor:
+    """Pooled backbone features ``(N, D)`` (float32, on the CPU) of uint8 NHWC images. ``progress``:
+    a bar (terminal) or a periodic log line for passes over ``PROGRESS_MIN_IMAGES`` images or more."""
     device = resolve_device(device) if isinstance(device, str) else device
     model = encoder.backbone.to(device).to(memory_format=torch.channels_last)
     view = AugConfig(size=encoder.spec["image_size"], mean=encoder.mean, std=encoder.std)
-    return embed(model, images, view, device, encoder.precision, batch_size, encoder.input_mode)
+    label = "features" if progress and len(images) >= PROGRESS_MIN_IMAGES else None
+    return embed(model, images, view, device, encoder.precision, batch_size, encoder.input_mode, progress=label)
 
 
 PRECISE_BN_IMAGES = 4096  # images whose evaluation views re-estimate the BatchNorm statistics
