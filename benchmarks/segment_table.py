@@ -11,7 +11,8 @@ Rows, all with the same backbone (``--backbone``, default convnet):
   labeled train split);
 * every ``--methods`` entry pretrained for ``--time`` with its preset (``selfsup pretrain --time``) on
   (a) CamVid train + val frames (468 images, their labels never read; decoded at ``--camvid-size`` px,
-  centre square) and (b) CIFAR-10 train (32 px), then evaluated frozen.
+  centre square, batch ``--camvid-batch-size``) and (b) CIFAR-10 train (32 px, ``--batch-size``), then
+  evaluated frozen.
 
 Evaluation: ``selfsup evaluate RUN --protocol segment --train CAMVID --test CAMVID --ignore-index 11``
 (CamVid's train split for the head, its test split for the scores; the backbone runs at the frames'
@@ -62,7 +63,8 @@ def main() -> None:
     ap.add_argument("--backbone", default="convnet")
     ap.add_argument("--time", default="5m", help="pretraining budget per run")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--camvid-size", type=int, default=96, help="pretraining image size on CamVid frames")
+    ap.add_argument("--camvid-size", type=int, default=64, help="pretraining image size on CamVid frames")
+    ap.add_argument("--camvid-batch-size", type=int, default=32, help="pretraining batch on CamVid's 468 frames")
     ap.add_argument("--cifar-size", type=int, default=32)
     ap.add_argument("--results", metavar="PREFIX", help="also write PREFIX.json and PREFIX.md")
     args = ap.parse_args()
@@ -73,8 +75,8 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     exe = [sys.executable, "-m", "selfsup"]
     camvid = Path(args.camvid)
-    data = {"camvid": (frames_folder(camvid, out), args.camvid_size),
-            "cifar10": (Path(args.cifar) / "train", args.cifar_size)}
+    data = {"camvid": (frames_folder(camvid, out), args.camvid_size, args.camvid_batch_size),
+            "cifar10": (Path(args.cifar) / "train", args.cifar_size, args.batch_size)}
     rows = [("random", None, False), ("supervised from scratch", None, True)]
     rows += [(m, src, False) for src in args.sources for m in args.methods]
 
@@ -86,15 +88,15 @@ def main() -> None:
         spec = f"random:{args.backbone}"
         if src is not None:
             run_dir = out / f"{src}_{name}"
-            folder, size = data[src]
+            folder, size, batch = data[src]
             if "pretrain_s" not in entry:
                 cmd = exe + ["pretrain", "--method", name, "--data", str(folder), "--out", str(run_dir),
-                             "--backbone", args.backbone, "--time", args.time, "--batch-size", str(args.batch_size),
+                             "--backbone", args.backbone, "--time", args.time, "--batch-size", str(batch),
                              "--image-size", str(size), "--no-progress"]
                 if (run_dir / "checkpoints" / "last.pt").exists():
                     cmd.append("--resume")
                 entry["pretrain_s"] = round(run(cmd), 1)
-                entry["pretrain_data"], entry["pretrain_size"] = str(folder), size
+                entry["pretrain_data"], entry["pretrain_size"], entry["pretrain_batch"] = str(folder), size, batch
                 results[key] = entry
                 results_path.write_text(json.dumps(results, indent=1))
             spec, eval_dir = str(run_dir), run_dir / "eval"
@@ -118,8 +120,8 @@ def main() -> None:
         e = results.get(key)
         if not e or "miou" not in e:
             continue
-        what = {"camvid": f"CamVid train+val frames, no labels ({args.camvid_size} px)",
-                "cifar10": f"CIFAR-10 train ({args.cifar_size} px)"}.get(src, "-")
+        what = {"camvid": f"CamVid train+val frames, no labels ({args.camvid_size} px, batch {args.camvid_batch_size})",
+                "cifar10": f"CIFAR-10 train ({args.cifar_size} px, batch {args.batch_size})"}.get(src, "-")
         pre = f"{e['pretrain_s'] / 60:.1f} min" if "pretrain_s" in e else "-"
         how = "backbone + head trained" if finetune else "frozen, linear per pixel"
         lines.append(f"| {name} | {what} | {e['miou']:.3f} | {e['pixel_acc']:.3f} | {pre} | {how} |")
@@ -132,7 +134,8 @@ def main() -> None:
         prefix.parent.mkdir(parents=True, exist_ok=True)
         meta = {"command": " ".join(sys.argv), "camvid": args.camvid, "cifar": args.cifar,
                 "backbone": args.backbone, "time": args.time, "batch_size": args.batch_size,
-                "camvid_size": args.camvid_size, "cifar_size": args.cifar_size}
+                "camvid_size": args.camvid_size, "camvid_batch_size": args.camvid_batch_size,
+                "cifar_size": args.cifar_size}
         prefix.with_suffix(".json").write_text(json.dumps({"settings": meta, "rows": results}, indent=1))
         prefix.with_suffix(".md").write_text(table)
     print(table)
