@@ -344,7 +344,28 @@ def cached_torchvision_weights(name: str):
     return weights
 
 
-class TorchvisionBackbone(Backbone):
+class _ZooBackbone(Backbone):
+    """A model-zoo network in ``self.model`` whose output is its pooled features: ``forward`` flattens
+    them; ``_probe`` sets ``out_dim`` and the stage names and widths from one blank image."""
+
+    model: nn.Module
+
+    def _probe(self, size: int, in_chans: int) -> None:
+        with torch.no_grad():
+            was = self.model.training
+            self.model.eval()
+            x = torch.zeros(1, in_chans, size, size)
+            self.out_dim = int(self.model(x).flatten(1).shape[1])
+            maps = self.forward_stages(x)
+            self.model.train(was)
+        self.stage_names = [f"stage{i + 1}" for i in range(len(maps))]
+        self.stage_dims = [int(m.shape[1]) for m in maps]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.model(x), 1)
+
+
+class TorchvisionBackbone(_ZooBackbone):
     """Any torchvision classification model (``torchvision.models.get_model(name)``: ResNets, ConvNeXt,
     EfficientNet, MobileNet, RegNet, ...) without its classifier: ``forward`` gives the model's own pooled
     features, ``forward_stages`` the outputs of its stages (a ResNet's ``layer1..4``, the blocks of
@@ -382,18 +403,7 @@ class TorchvisionBackbone(Backbone):
             raise ValueError(f"torchvision:{name}: no classifier found to remove (fc, classifier or heads)")
         self.model, self.name = model, name
         self._taps = taps
-        size = max(32, image_size) if not name.startswith("vit") else image_size
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            maps = self.forward_stages(torch.zeros(1, 3, size, size))
-            self.out_dim = int(model(torch.zeros(1, 3, size, size)).flatten(1).shape[1])
-            model.train(was)
-        self.stage_names = [f"stage{i + 1}" for i in range(len(maps))]
-        self.stage_dims = [int(m.shape[1]) for m in maps]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.model(x), 1)
+        self._probe(max(32, image_size) if not name.startswith("vit") else image_size, 3)
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not self._taps:
@@ -444,7 +454,7 @@ def cached_timm_weights(name: str) -> tuple[str, dict]:
                      f"timm.create_model('{name}', pretrained=True)")
 
 
-class TimmBackbone(Backbone):
+class TimmBackbone(_ZooBackbone):
     """Any timm model (``timm.create_model(name, num_classes=0)``: ResNets, ConvNeXt, EfficientNet,
     RegNet, ViTs, ...): ``forward`` gives its pooled features, ``forward_stages`` its intermediate maps
     (``forward_intermediates``, NCHW; a ViT's patch tokens as maps), none for a model without it.
@@ -466,18 +476,7 @@ class TimmBackbone(Backbone):
             model = timm.create_model(name, **kwargs)
         self.model, self.name = model, name
         self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            x = torch.zeros(1, in_chans, image_size, image_size)
-            self.out_dim = int(model(x).flatten(1).shape[1])
-            maps = self.forward_stages(x)
-            model.train(was)
-        self.stage_names = [f"stage{i + 1}" for i in range(len(maps))]
-        self.stage_dims = [int(m.shape[1]) for m in maps]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.model(x), 1)
+        self._probe(image_size, in_chans)
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not hasattr(self.model, "forward_intermediates"):
