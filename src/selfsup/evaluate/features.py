@@ -197,6 +197,15 @@ def precise_bn(encoder: Encoder, images: np.ndarray, device: str | torch.device 
 FEATURE_CACHE_KEEP = 16  # feature files kept in the cache folder (the least recently used go first)
 
 
+def weights_digest(module: torch.nn.Module) -> "hashlib._Hash":
+    """A sha256 over ``module``'s weights and buffers (names and bytes), to extend with what else keys a cache."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h
+
+
 def feature_cache_key(encoder: Encoder, images: np.ndarray) -> str | None:
     """A key for the features of ``encoder`` on ``images``, or None when ``images`` is not a whole
     decoded split (a read-only memmap covering its cache file: only those have a stable identity).
@@ -208,10 +217,7 @@ def feature_cache_key(encoder: Encoder, images: np.ndarray) -> str | None:
     st = os.stat(fn)
     if st.st_size != images.nbytes:  # a view on part of the file
         return None
-    h = hashlib.sha256()
-    for name, t in encoder.backbone.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    h = weights_digest(encoder.backbone)
     h.update(repr((sorted(encoder.spec.items()), tuple(encoder.mean), tuple(encoder.std), encoder.precision,
                    encoder.input_mode, os.path.abspath(fn), st.st_size, st.st_mtime_ns, images.shape,
                    torch.__version__)).encode())

@@ -26,7 +26,6 @@ test masks or predicted, pixel accuracy = correct / labelled.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import os
@@ -42,7 +41,7 @@ from ..data.views import AugConfig
 from ..checkpoint import atomic_torch_save
 from ..data.cache import default_cache_dir
 from ..runtime import autocast, resolve_device
-from .features import Encoder
+from .features import Encoder, weights_digest
 
 log = logging.getLogger("selfsup")
 OUTPUT_STRIDE = 4  # the head's map: a quarter of the input's resolution
@@ -187,10 +186,7 @@ def frozen_features(backbone: nn.Module, images: np.ndarray, view: AugConfig, si
     use_cache = os.environ.get("SELFSUP_FEATURE_CACHE", "1") != "0"
     path = None
     if use_cache:
-        h = hashlib.sha256()
-        for name, t in backbone.state_dict().items():
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h = weights_digest(backbone)
         h.update(np.ascontiguousarray(images).data)
         h.update(repr((tuple(size), tuple(view.mean), tuple(view.std), input_mode, precision, bool(precise_bn_stats),
                        images.shape, torch.__version__, "segment-v1")).encode())
