@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from selfsup.config import parse_duration
-from selfsup.train import read_metrics
+from selfsup.run import read_metrics
 
 MARKS_S = (300, 600, 1200)  # checkpoints kept 5, 10 and 20 minutes into the run
 

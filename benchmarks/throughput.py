@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from selfsup.config import build_config
+from selfsup.configure import build_config
 from selfsup.data import load_images
 from selfsup.runtime import autocast
 from selfsup.train import Trainer, build_phase_optimizers

@@ -99,7 +99,7 @@ def assert_backbone_moved(run_dir: Path, min_change: float = 1e-3) -> float:
     the run's seed (the trainer's initialisation) and compare the weights. A method whose gradient never
     reaches the backbone, or an evaluation reading a fresh network, fails this. Returns the largest
     relative change of a weight tensor."""
-    from selfsup.config import config_from_dict
+    from selfsup.configure import config_from_dict
     from selfsup.methods import get_method
     from selfsup.train import load_checkpoint
 

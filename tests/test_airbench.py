@@ -31,7 +31,7 @@ def test_the_whitening_layer_whitens_the_patches_it_was_fitted_on():
 
 
 def test_runs_fit_the_whitening_in_every_copy_and_random_init_is_fitted_too(tiny_dataset, tmp_path):
-    from selfsup.config import build_config
+    from selfsup.configure import build_config
     from selfsup.evaluate import evaluate, load_encoder
     from selfsup.train import Trainer
 

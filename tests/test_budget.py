@@ -11,8 +11,11 @@ import yaml
 
 import selfsup.train as train_mod
 from selfsup.cli import main
-from selfsup.config import ConfigError, build_config, parse_duration
-from selfsup.train import Trainer, TrainingInterrupted, planned_steps, read_metrics, resume_config
+from selfsup.config import ConfigError, parse_duration
+from selfsup.configure import build_config
+from selfsup.train import Trainer, TrainingInterrupted, planned_steps
+from selfsup.run import read_metrics
+from selfsup.configure import resume_config
 
 
 def test_durations():

@@ -15,7 +15,7 @@ import torch
 import selfsup.checkpoint as ckpt_mod
 from selfsup.checkpoint import CheckpointError, load_checkpoint
 from selfsup.cli import main
-from selfsup.config import build_config
+from selfsup.configure import build_config
 from selfsup.train import Trainer, restore_cuda_rng
 
 

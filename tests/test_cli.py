@@ -97,7 +97,7 @@ def test_the_api_chains_pretrain_into_evaluate_and_revalidates_a_changed_config(
     cfg = selfsup.build_config("rotation", {"model": {"backbone": "convnet"}, "optim": {"warmup_epochs": 0},
                                             "train": {"epochs": 1, "batch_size": 16, "device": "cpu"}})
     cfg.data.path, cfg.data.image_size = str(tiny_dataset / "train"), 16  # changed after build_config
-    assert cfg.aug.size == 32  # stale until the Trainer derives it again
+    assert cfg.aug.size == 0  # stale (0: the size is chosen from the data) until the Trainer derives it again
     run = selfsup.pretrain(cfg, tmp_path / "run", progress=False)
     assert isinstance(run, type(tmp_path)) and cfg.aug.size == 16
     res = selfsup.evaluate(run, "knn", tiny_dataset, tiny_dataset, k=5, progress=False)

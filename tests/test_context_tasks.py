@@ -12,13 +12,15 @@ import torch
 from PIL import Image
 
 from conftest import stop_at, assert_backbone_moved
-from selfsup.config import ConfigError, build_config
+from selfsup.config import ConfigError
+from selfsup.configure import build_config
 from selfsup.evaluate import evaluate
 from selfsup.methods import METHODS
 from selfsup.methods.jigsaw import (_permutation_set, assemble, hamming_distances, make_puzzles, permutation_set,
                                     standardize_tiles, tile_geometry)
 from selfsup.methods.relative_location import NEIGHBOUR_OFFSETS, drop_colors, make_pairs
-from selfsup.train import Trainer, TrainingInterrupted, load_checkpoint, read_metrics
+from selfsup.train import Trainer, TrainingInterrupted, load_checkpoint
+from selfsup.run import read_metrics
 
 
 def coordinate_image(b: int, size: int) -> torch.Tensor:

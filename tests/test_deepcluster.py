@@ -13,12 +13,14 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from conftest import make_folder, stop_at, assert_backbone_moved
 from selfsup.cluster import kmeans, pca_whiten
-from selfsup.config import ConfigError, build_config
+from selfsup.config import ConfigError
+from selfsup.configure import build_config
 from selfsup.evaluate import evaluate
 from selfsup.methods import METHODS
 from selfsup.methods.deepcluster import uniform_cluster_order
 from selfsup.runtime import embed
-from selfsup.train import BatchStream, Trainer, TrainingInterrupted, read_metrics
+from selfsup.train import BatchStream, Trainer, TrainingInterrupted
+from selfsup.run import read_metrics
 
 SMALL = {"num_clusters": 4, "pca_dim": 8, "kmeans_iters": 10}  # 64-256 images: whitening to 128 dims would be noise
 
@@ -139,7 +141,7 @@ def test_clustering_resets_the_head_and_labels_follow_the_batches(tiny_dataset, 
     tr.optimizer.state[m.head.bias]["momentum_buffer"] = torch.ones_like(m.head.bias)
     conv = next(m.backbone.parameters()).detach().clone()
 
-    m.on_epoch_start(tr, 0)
+    m.on_epoch_start(tr.run_state(), 0)
     assert m.labels_epoch == 0 and m.labels.shape == (64,)
     assert 0.005 < float(m.head.weight.detach().std()) < 0.02 and (m.head.bias == 0).all()  # fresh N(0, 0.01) layer
     assert m.head.weight not in tr.optimizer.state and m.head.bias not in tr.optimizer.state
@@ -178,16 +180,16 @@ def test_clustering_resets_the_head_and_labels_follow_the_batches(tiny_dataset, 
     # the same epoch again (a resumed run): neither re-clustering nor a new head
     w = m.head.weight.detach().clone()
     monkeypatch.setattr(m, "cluster", lambda *a: pytest.fail("re-clustered an epoch already clustered"))
-    m.on_epoch_start(tr, 0)
+    m.on_epoch_start(tr.run_state(), 0)
     assert torch.equal(m.head.weight, w)
     monkeypatch.undo()
-    m.on_epoch_start(tr, 1)  # a new epoch: new clustering, new head
+    m.on_epoch_start(tr.run_state(), 1)  # a new epoch: new clustering, new head
     assert m.labels_epoch == 1 and len(m.history) == 2 and not torch.equal(m.head.weight, w)
     assert 0.0 <= m.history[1]["nmi"] <= 1.0 and math.isnan(m.history[0]["nmi"])
 
     with pytest.raises(ConfigError, match="num_clusters=100 is more than the 64 training images"):
         m.hp.num_clusters = 100
-        m.on_epoch_start(tr, 2)
+        m.on_epoch_start(tr.run_state(), 2)
     with pytest.raises(ConfigError, match="kmeans_init"):
         METHODS["deepcluster"](_cfg(tiny_dataset / "train", 1, params={"kmeans_init": "faiss"}))
 

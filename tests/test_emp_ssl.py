@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.backbones import CropBag, build_backbone
-from selfsup.config import ConfigError, build_config
+from selfsup.config import ConfigError
+from selfsup.configure import build_config
 from selfsup.data.views import resized_crop
 from selfsup.losses import emp_ssl_loss, total_coding_rate
 from selfsup.methods.emp_ssl import EMPSSL

@@ -8,7 +8,7 @@ import torchvision
 
 import selfsup
 from selfsup.cli import main
-from selfsup.config import build_config
+from selfsup.configure import build_config
 from selfsup.data.views import AugConfig, eval_view
 from selfsup.evaluate import extract_features, load_encoder
 from selfsup.export import export, load_backbone

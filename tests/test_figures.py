@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup.config import build_config
+from selfsup.configure import build_config
 from selfsup.data import load_images
 from selfsup.figures import view_matching
 from selfsup.methods import METHODS

@@ -10,13 +10,15 @@ import torch
 from PIL import Image
 
 from conftest import stop_at, assert_backbone_moved
-from selfsup.config import ConfigError, build_config
+from selfsup.config import ConfigError
+from selfsup.configure import build_config
 from selfsup.data.views import eval_view
 from selfsup.evaluate import evaluate
 from selfsup.methods import METHODS
 from selfsup.methods.bigan import JointDiscriminator
 from selfsup.methods.dcgan import DCGANGenerator, d_loss, g_loss, generator_plan
-from selfsup.train import Trainer, TrainingInterrupted, load_checkpoint, read_metrics
+from selfsup.train import Trainer, TrainingInterrupted, load_checkpoint
+from selfsup.run import read_metrics
 
 COLOUR = (0.8, 0.3, 0.2)  # the tiny dataset's dominant colour, far from the untrained generator's grey
 SMALL = {"dcgan": {"gen_width": 16},

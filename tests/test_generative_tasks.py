@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import assert_backbone_moved
-from selfsup.config import build_config
+from selfsup.configure import build_config
 from selfsup.data.color import lab_to_rgb, rgb_to_lab
 from selfsup.data.views import augment
 from selfsup.evaluate import evaluate
@@ -21,7 +21,8 @@ from selfsup.methods.colorization import (ab_bins, decode, hard_encode, rebalanc
                                           soft_encode)
 from selfsup.methods.inpainting import (apply_mask, center_mask, loss_weights, make_masks, masked_l2,
                                         random_block_mask)
-from selfsup.train import Trainer, TrainingInterrupted, build_phase_optimizers, load_checkpoint, read_metrics
+from selfsup.train import Trainer, TrainingInterrupted, build_phase_optimizers, load_checkpoint
+from selfsup.run import read_metrics
 
 
 def _cfg(method, data=None, epochs=2, **extra):
@@ -174,7 +175,7 @@ def test_colorization_tiny_run_learns_draws_and_evaluates(tiny_dataset, tmp_path
     cfg = _cfg("colorization", tiny_dataset / "train", epochs=10, optim={"lr": 0.05, "warmup_epochs": 0})
     trainer = Trainer(cfg, tmp_path / "colorization", progress=False)
     m = trainer.method
-    m.on_epoch_start(trainer, 0)  # the prior, from all 64 training images at 8 x 8 (fit would do it first)
+    m.on_epoch_start(trainer.run_state(), 0)  # the prior, from all 64 training images at 8 x 8 (fit would do it first)
     assert int(m.prior_pixels) == 64 * 8 * 8
     assert torch.isclose((m.prior * m.class_weights).sum(), torch.tensor(1.0), atol=1e-5)
     x = torch.from_numpy(np.array(trainer.data.images)).permute(0, 3, 1, 2)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import assert_resume_is_exact
-from selfsup.config import build_config
+from selfsup.configure import build_config
 from selfsup.data.views import eval_view
 from selfsup.ema import cosine_momentum, ema_update, frozen_copy
 from selfsup.losses import barlow_twins_loss, byol_loss, cross_correlation, infonce, simsiam_loss, vicreg_loss

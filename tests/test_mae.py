@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from conftest import assert_backbone_moved
-from selfsup.config import ConfigError, build_config
+from selfsup.config import ConfigError
+from selfsup.configure import build_config
 from selfsup.data.views import eval_view
 from selfsup.evaluate import evaluate
 from selfsup.evaluate.features import extract_features, load_encoder

@@ -2,11 +2,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from selfsup.config import build_config
+from selfsup.configure import build_config
 from selfsup.data import load_images
 from selfsup.methods import METHODS
 from selfsup.methods.rotation import rotate_all
-from selfsup.train import Trainer, read_metrics
+from selfsup.train import Trainer
+from selfsup.run import read_metrics
 
 
 def test_rotation_pseudo_labels_match_the_rotation_applied():

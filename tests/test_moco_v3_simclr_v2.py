@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_resume_is_exact, make_folder, assert_backbone_moved
 
-from selfsup.config import ConfigError, build_config
+from selfsup.config import ConfigError
+from selfsup.configure import build_config
 from selfsup.data.views import eval_view
 from selfsup.ema import cosine_momentum
 from selfsup.evaluate import evaluate
@@ -24,7 +25,8 @@ from selfsup.losses import distillation_loss, moco_v3_loss, seed_logits, seed_lo
 from selfsup.methods import METHODS
 from selfsup.methods.simclr_v2 import BackboneWithProjector, encoder_with_projector, head_layers, projected_encoder
 from selfsup.monitor import RANK_COLLAPSE, STD_COLLAPSE
-from selfsup.train import Trainer, read_metrics
+from selfsup.train import Trainer
+from selfsup.run import read_metrics
 
 
 def _cos(a, b):
@@ -336,7 +338,7 @@ def test_distill_from_a_tiny_teacher_run(runs, data, tmp_path, monkeypatch):
         assert torch.allclose(m.embed_teacher(teacher_views), F.normalize(tm.projector(tm.backbone(teacher_views)),
                                                                           dim=1), atol=1e-5)
 
-    m.on_epoch_start(trainer, 0)  # what fit() does first: the queue holds teacher embeddings of the data
+    m.on_epoch_start(trainer.run_state(), 0)  # what fit() does first: the queue holds teacher embeddings of the data
     assert bool(m.queue_filled)
     with torch.no_grad():
         expected = m.embed_teacher(m.teacher_input(eval_view(x[np.arange(32) * 64 // 32], cfg.aug)))

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from selfsup.config import build_config
+from selfsup.configure import build_config
 from selfsup.monitor import collapse_warning, embedding_health, rankme
-from selfsup.train import Trainer, read_metrics
+from selfsup.train import Trainer
+from selfsup.run import read_metrics
 
 
 def test_rankme_matches_hand_computation():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup.config import ConfigError, build_config
+from selfsup.config import ConfigError
+from selfsup.configure import build_config
 from selfsup.methods.patches import Patches, sample_patches, whitening
 
 
@@ -74,7 +75,7 @@ def test_a_patches_run_fits_once_evaluates_and_exports(tiny_dataset, tmp_path, c
     from selfsup.cli import main
     from selfsup.evaluate import evaluate, extract_features, load_encoder
     from selfsup.export import export, load_backbone
-    from selfsup.train import read_metrics
+    from selfsup.run import read_metrics
 
     run = tmp_path / "run"
     assert main(["pretrain", "--method", "patches", "--data", str(tiny_dataset / "train"), "--image-size", "16",

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import selfsup.runtime as rt
-from selfsup.config import ConfigError, build_config
+from selfsup.config import ConfigError
+from selfsup.configure import build_config
 from selfsup.train import Trainer, load_checkpoint
 
 

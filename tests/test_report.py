@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from selfsup.cli import main
-from selfsup.config import build_config
+from selfsup.configure import build_config
 from selfsup.evaluate import evaluate
 from selfsup.report import compare, eval_results, write_report
 from selfsup.train import Trainer

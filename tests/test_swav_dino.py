@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_resume_is_exact
-from selfsup.config import build_config
+from selfsup.configure import build_config
 from selfsup.ema import cosine_momentum
 from selfsup.evaluate import evaluate, load_encoder
 from selfsup.losses import dino_loss, sinkhorn, swav_loss
 from selfsup.methods import METHODS
 from selfsup.monitor import RANK_COLLAPSE, STD_COLLAPSE
-from selfsup.train import Trainer, load_checkpoint, read_metrics
+from selfsup.train import Trainer, load_checkpoint
+from selfsup.run import read_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -192,7 +193,7 @@ def test_swav_training_step_predicts_sinkhorn_codes_of_the_global_crops():
 
 def test_swav_prototypes_stay_unit_vectors_and_are_frozen_for_the_first_steps():
     m = _method("swav", freeze_prototypes_frac=0.2)
-    m._total = 10  # as on_epoch_start sets it from the trainer: 0.2 of 10 steps
+    m._total = 10  # as on_epoch_start sets it from the run state: 0.2 of 10 steps
     assert torch.allclose(m.prototypes.weight.norm(dim=1), torch.ones(12), atol=1e-6)
     opt = torch.optim.SGD(m.param_groups(), lr=0.5)
     for step in range(3):
@@ -253,7 +254,7 @@ def test_dino_teacher_centre_and_frozen_last_layer():
     assert not {id(p) for g in m.param_groups() for p in g["params"]} & {id(p) for p in teacher}
     assert {"center", "teacher_backbone.stages.0.0.weight", "teacher_head.last_v"} <= m.state_dict().keys()
     assert isinstance(m.head.mlp[1], torch.nn.BatchNorm1d)  # conv backbone: BatchNorm in the head (auto)
-    m._total = 16  # as on_epoch_start sets it from the trainer
+    m._total = 16  # as on_epoch_start sets it from the run state
 
     # the head: L2-normalised bottleneck times the unit-norm rows of the last layer: cosines
     h = torch.randn(5, m.backbone.out_dim)

@@ -11,7 +11,8 @@ import torch
 timm = pytest.importorskip("timm", reason="timm is installed by the README's test command")
 
 from selfsup.backbones import TimmBackbone, build_backbone  # noqa: E402
-from selfsup.config import ConfigError, build_config  # noqa: E402
+from selfsup.config import ConfigError  # noqa: E402
+from selfsup.configure import build_config
 
 
 def test_any_timm_model_without_its_classifier_with_stage_maps():

@@ -9,7 +9,8 @@ import torch
 import torchvision
 
 from selfsup.backbones import TorchvisionBackbone, build_backbone
-from selfsup.config import ConfigError, build_config
+from selfsup.config import ConfigError
+from selfsup.configure import build_config
 
 
 def test_any_torchvision_model_without_its_classifier_with_stage_maps():

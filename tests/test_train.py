@@ -12,10 +12,11 @@ import torch
 import yaml
 
 from conftest import make_folder
-from selfsup.config import build_config, load_config
+from selfsup.configure import build_config, load_config
 from selfsup.methods.rotation import Rotation
 from selfsup.optim import lr_factor, warmup_steps_for
-from selfsup.train import NonFiniteLoss, load_checkpoint, pretrain, read_metrics
+from selfsup.train import NonFiniteLoss, load_checkpoint, pretrain
+from selfsup.run import read_metrics
 
 EPOCHS, BATCH, N_IMAGES = 4, 8, 256  # 32 steps per epoch, 128 steps
 

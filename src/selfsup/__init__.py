@@ -9,10 +9,14 @@ def __getattr__(name):  # lazy: `import selfsup` stays cheap, the API is one att
         from . import train
 
         return getattr(train, name)
-    if name in ("build_config", "load_config", "Config"):
-        from . import config
+    if name in ("build_config", "load_config"):
+        from . import configure
 
-        return getattr(config, name)
+        return getattr(configure, name)
+    if name == "Config":
+        from .config import Config
+
+        return Config
     if name in ("evaluate", "load_encoder", "extract_features"):
         from . import evaluate as ev
 

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, build_config, merge, parse_overrides, recipe, recipes
+from .config import ConfigError, merge, parse_overrides, recipe, recipes
+from .configure import build_config
 from .data import DATASET_NAMES, DataError
 
 log = logging.getLogger("selfsup")
@@ -41,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--time", metavar="DURATION", help="time budget for the whole run, e.g. 90s, 20m, 2h: the run "
                     "measures its throughput, fixes its length to end within it (replaces --epochs) and prints the plan")
     pt.add_argument("--batch-size", type=int)
-    pt.add_argument("--image-size", type=int, help="side of the (square) training images, default 32")
+    pt.add_argument("--image-size", type=int, help="side of the (square) training images; default: from the "
+                    "images (tiny ones at their own size, photos at 96 px on a CPU and 224 on a GPU; the "
+                    "choice is logged)")
     pt.add_argument("--backbone", help="resnet18 | resnet50 | convnet | airbench | vit_tiny | vit_small | "
                     "torchvision:NAME | timm:NAME (needs timm)")
     pt.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
@@ -148,7 +151,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _pretrain(args) -> int:
-    from .train import pretrain, resume_config
+    from .configure import resume_config
+    from .train import pretrain
 
     cli = {"train": {}, "data": {}, "model": {}}
     for key, section, name in (("epochs", "train", "epochs"), ("batch_size", "train", "batch_size"),
@@ -197,6 +201,7 @@ def _pretrain(args) -> int:
 
 def _evaluate(args) -> int:
     from .evaluate import evaluate, result_name
+    from .run import eval_dir
 
     r = evaluate(args.run, args.protocol, args.train, args.test, out=args.out,
                  labels_per_class=args.labels_per_class, image_size=args.image_size, k=args.k,
@@ -205,7 +210,7 @@ def _evaluate(args) -> int:
                  threshold=args.threshold, steps=args.steps, precise_bn_stats=not args.no_precise_bn,
                  test_split=args.test_split, test_fraction=args.test_fraction, finetune=args.finetune,
                  ignore_index=args.ignore_index)
-    dest = Path(args.out) if args.out else Path(args.run) / "eval"
+    dest = Path(args.out) if args.out else eval_dir(args.run)
     if args.protocol == "segment":
         name = "segment_finetune.json" if args.finetune else "segment.json"
         print(f"segment mIoU: {r['miou']:.4f}, pixel accuracy {r['pixel_acc']:.4f}  ({r['n_train']} train / "

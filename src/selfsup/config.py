@@ -8,7 +8,8 @@ A run is described by one :class:`Config`. It is built in three layers, each vis
 
 The resolved config is written to ``RUN_DIR/config.yaml`` and is all that is needed to repeat a run.
 Method-specific hyper-parameters live in ``params`` and are checked against the method's own
-``Params`` dataclass (see ``selfsup/methods/<method>.py``).
+``Params`` dataclass (see ``selfsup/methods/<method>.py``) by ``configure.py``, which builds a checked
+Config (``build_config``); this module knows no method.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class ConfigError(ValueError):
 class DataConfig:
     path: str | None = None  # image folder, dataset folder, or a dataset name (digits, cifar10, ...)
     split: str = "train"  # which split to pretrain on ("train", "unlabeled", "train+unlabeled", ...)
-    image_size: int = 32  # images are decoded once and resized (shorter side + centre crop) to this
+    image_size: int = 0  # images are decoded once and resized (shorter side + centre crop) to this; 0: chosen
+    #                      from the images (data/size.py: tiny stay tiny, photos 96 px on a CPU, 224 on a GPU)
     view_size: int = 0  # side of the training views (augmented crops); 0: image_size. Smaller is cheaper
     #                     (e.g. 24 for 32 px data); the backbone is evaluated at image_size
     cache_dir: str | None = None  # decode cache; default $SELFSUP_CACHE or ~/.cache/selfsup/cache
@@ -258,38 +260,6 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_config(method: str, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults <- the method's preset <- overrides; validates ``params`` against the method."""
-    from .methods import get_method
-
-    get_method(method)  # raises ConfigError for an unknown method
-    cfg = Config(method=method)
-    update_dataclass(cfg, {k: v for k, v in preset(method).items() if k != "method"})
-    if overrides:
-        overrides = dict(overrides)
-        if "method" in overrides and overrides.pop("method") != method:
-            raise ConfigError("the method is chosen with --method, not as an override")
-        update_dataclass(cfg, overrides)
-    return finalize(cfg)
-
-
-def finalize(cfg: Config) -> Config:
-    """Derive what follows from other fields, fill the method's params, validate."""
-    from .methods import get_method
-
-    cfg.aug.size = cfg.data.view_size or cfg.data.image_size  # the training views' side
-    cfg.params = resolve_params(get_method(cfg.method), cfg.params)
-    validate(cfg)
-    return cfg
-
-
-def resolve_params(method_cls: Any, params: dict[str, Any]) -> dict[str, Any]:
-    """Fill the method's parameter defaults and check names/types; returns a plain dict."""
-    p = method_cls.Params()
-    update_dataclass(p, params or {}, "params.")
-    return _plain(dataclasses.asdict(p))
-
-
 def validate(cfg: Config) -> None:
     from .backbones import BACKBONES
 
@@ -318,10 +288,12 @@ def validate(cfg: Config) -> None:
     if cfg.train.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"unknown precision '{cfg.train.precision}'; choose auto, bf16, fp16 or fp32")
     for name, v in (("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size),
-                    ("data.image_size", cfg.data.image_size), ("train.ckpt_every", cfg.train.ckpt_every),
+                    ("train.ckpt_every", cfg.train.ckpt_every),
                     ("train.log_every", cfg.train.log_every)):
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}")
+    if cfg.data.image_size < 0 or isinstance(cfg.data.image_size, bool):
+        raise ConfigError(f"data.image_size must be >= 1, or 0 to choose it from the images, got {cfg.data.image_size}")
     if cfg.data.view_size < 0:
         raise ConfigError(f"data.view_size must be >= 0 (0: the image size), got {cfg.data.view_size}")
     if cfg.optim.lr <= 0:
@@ -356,17 +328,16 @@ def parse_duration(text: str | float | int) -> float:
     return seconds
 
 
-def config_from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a Config saved by :meth:`Config.to_dict` (e.g. ``RUN_DIR/config.yaml``)."""
+def restore_config(d: dict[str, Any]) -> Config:
+    """A Config saved by :meth:`Config.to_dict` (e.g. ``RUN_DIR/config.yaml``), with ``params`` as saved:
+    they are checked when the method is built (``Method.__init__``) or by
+    :func:`selfsup.configure.config_from_dict`, which also validates the whole config."""
     d = dict(d)
     cfg = Config(method=d.pop("method"))
     update_dataclass(cfg, d)
-    return finalize(cfg)
+    cfg.aug.size = cfg.data.view_size or cfg.data.image_size
+    return cfg
 
 
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def load_config(path: Path) -> Config:
-    return config_from_dict(yaml.safe_load(Path(path).read_text()))

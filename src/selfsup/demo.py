@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, build_config
+from .config import ConfigError
+from .configure import build_config
 from .data import load_images
 from .evaluate import balanced_subset, extract_features, knn_top1, linear_probe, load_encoder
 from .train import pretrain

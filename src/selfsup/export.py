@@ -51,7 +51,7 @@ def _to_torchvision_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def export(run: str | Path, fmt: str = "safetensors", out: str | Path | None = None) -> Path:
     """Write the backbone of ``run`` (a run directory or checkpoint) in ``fmt``; returns the weights
     file. ``out`` is a folder (default ``RUN_DIR/export``)."""
-    from .evaluate.features import load_encoder
+    from .run import load_encoder
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}")

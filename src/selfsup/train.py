@@ -22,18 +22,7 @@ sentence).
 With a time budget (``train.time_budget``) the run's length is not given but planned: see
 :meth:`Trainer.plan`.
 
-Run directory::
-
-    RUN_DIR/config.yaml            the resolved config
-    RUN_DIR/metrics.csv            one row every log_every steps (step, epoch, loss, lr, img_per_s, ...);
-                                   the last row of each epoch adds label-free health (monitor.py)
-    RUN_DIR/checkpoints/last.pt    the latest checkpoint
-    RUN_DIR/checkpoints/previous.pt   the one before it (--resume falls back to it when last.pt is damaged)
-    RUN_DIR/checkpoints/step_N.pt  every train.keep_every-th step's, when asked
-    RUN_DIR/checkpoints/at_Ss.pt   the step that ended S seconds into the session (train.keep_seconds)
-    RUN_DIR/tensorboard/           the same scalars as TensorBoard events (train.logger=tensorboard)
-    RUN_DIR/figures/               the method's pictures of its own task, drawn at the end of training
-    RUN_DIR/skipped.txt            inputs that could not be decoded (if any)
+The run directory's layout, and reading a run back: ``run.py``.
 
 Methods with several optimizers (GANs: ``Method.phases = ("d", "g")``) get one optimizer per phase,
 stepped in order within each training step; methods may re-label or re-order the data at the start
@@ -44,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import logging
 import math
 import os
@@ -54,7 +42,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -62,13 +50,16 @@ import torch
 from . import distributed
 from .checkpoint import CheckpointError, atomic_torch_save, load_run_checkpoint, save_keeping_previous
 from .checkpoint import load_checkpoint  # noqa: F401 - re-exported: selfsup.train.load_checkpoint
-from .config import Config, ConfigError, finalize, load_config, parse_duration, save_config, update_dataclass
+from .config import Config, ConfigError, parse_duration, save_config
+from .configure import finalize
 from .backbones import fit_layers_from_data
-from .data import CachedImages, load_images
+from .data import CachedImages, auto_image_size, load_images, open_source
 from .methods import Method, get_method
+from .methods.base import RunState
 from .monitor import collapse_warning, embedding_health
 from .optim import build_optimizer, lr_factor, warmup_steps_for
 from .runtime import autocast, embed, grad_scaler, resolve_device, resolve_precision, step_generator
+from .run import MetricsLog
 
 log = logging.getLogger("selfsup")
 
@@ -205,63 +196,6 @@ class BatchStream:
 # metrics
 
 
-class MetricsLog:
-    """``metrics.csv``: one row per logged step. On resume, rows after the checkpoint's step are
-    dropped (they will be replayed), so no step appears twice. With ``tensorboard`` (a folder), every
-    numeric column is also written as a TensorBoard scalar (``train.logger=tensorboard``; the events
-    after the checkpoint's step are purged on resume, likewise)."""
-
-    def __init__(self, path: Path, keep_until_step: int | None = None, tensorboard: Path | None = None) -> None:
-        self.path = path
-        self.fields: list[str] | None = None
-        self.tb = None
-        if tensorboard is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("train.logger=tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(tensorboard), purge_step=keep_until_step + 1 if keep_until_step else None)
-        if keep_until_step is not None and path.exists():
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-            fields = list(rows[0].keys()) if rows else None
-            rows = [r for r in rows if int(r["step"]) <= keep_until_step]
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w", newline="") as f:
-                if fields:
-                    w = csv.DictWriter(f, fieldnames=fields)
-                    w.writeheader()
-                    w.writerows(rows)
-            os.replace(tmp, path)
-            self.fields = fields
-        elif path.exists():
-            path.unlink()
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.tb is not None:
-            for k, v in row.items():
-                if k in ("step", "epoch"):
-                    continue
-                try:
-                    self.tb.add_scalar(k, float(v), int(row["step"]))
-                except (TypeError, ValueError):  # empty cells (health between epochs), text
-                    pass
-            self.tb.flush()
-        new = self.fields is None
-        if new:
-            self.fields = list(row.keys())
-        with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
-    with open(Path(run_dir) / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 # --------------------------------------------------------------------------------------------------
 # the trainer
 
@@ -292,8 +226,14 @@ class Trainer:
         if data is None:
             if not cfg.data.path:
                 raise ConfigError("no training data: pass --data PATH or --dataset NAME")
+            if not cfg.data.image_size:  # chosen from the images (data/size.py), then kept in config.yaml
+                side, why = auto_image_size(open_source(cfg.data.path, cfg.data.split, cfg.data.download),
+                                            self.device.type)
+                self._set_image_size(side, f"{why}; --image-size N to choose")
             data = load_images(cfg.data.path, split=cfg.data.split, image_size=cfg.data.image_size,
                                cache_dir=cfg.data.cache_dir, download=cfg.data.download, progress=self.progress)
+        if not cfg.data.image_size:  # data given as decoded images: their side
+            self._set_image_size(int(data.images.shape[1]), "the side of the images given")
         self.data = data
         torch.manual_seed(cfg.train.seed)
         self.method: Method = get_method(cfg.method)(cfg).to(self.device)
@@ -419,11 +359,23 @@ class Trainer:
         restore_cuda_rng(ckpt["rng"].get("cuda", []))
         log.info("resumed from %s at step %d/%d", path, self.step, self.total_steps)
 
+    def _set_image_size(self, side: int, why: str) -> None:
+        self.cfg.data.image_size = side
+        finalize(self.cfg)  # the views' side and the stem follow
+        if self.is_main:
+            log.info("image size %d px (automatic: %s)", side, why)
+
     # -- one step ------------------------------------------------------------------------------
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         """The optimizer of a single-phase method (the first phase's otherwise)."""
         return self.optimizers[self.method.phases[0]]
+
+    def run_state(self) -> RunState:
+        """What the method's ``on_epoch_start`` sees of this run (not the trainer itself)."""
+        phases = self.method.phases
+        return RunState(self.data.images, self.device, self.cfg.train.seed, self.step, self.total_steps,
+                        self.optimizers[phases[0]] if phases else None)
 
     def set_lr(self, step: int) -> float:
         f = lr_factor(step, self.total_steps, self.warmup_steps, self.cfg.optim.min_lr_ratio)
@@ -545,7 +497,7 @@ class Trainer:
                 while self.step < self.total_steps:
                     epoch, start = divmod(self.step, self.steps_per_epoch)
                     self._epoch_started = time.perf_counter()
-                    self.method.on_epoch_start(self, epoch)
+                    self.method.on_epoch_start(self.run_state(), epoch)
                     if not self.planned:
                         self.plan(epoch)
                         bar.reset(total=self.total_steps)
@@ -688,7 +640,7 @@ class Trainer:
         torch.set_rng_state(rng)
         if cuda_rng:
             torch.cuda.set_rng_state_all(cuda_rng)
-        self.method.on_epoch_start(self, epoch)  # cheap now: the epoch's work is in the restored state
+        self.method.on_epoch_start(self.run_state(), epoch)  # cheap now: the epoch's work is in the restored state
         left = budget * (1 - PLAN_MARGIN) - (time.perf_counter() - self.started) - figures_s - save_s
         total = planned_steps(left, step_s, self.steps_per_epoch, self.step, epoch_work + health_s,
                               save_s, self.cfg.train.ckpt_every)
@@ -809,15 +761,3 @@ def pretrain(cfg: Config, out: str | Path, resume: bool = False, progress: bool 
         raise ConfigError(f"{out} already holds a run (checkpoints/last.pt); pass --resume to continue it "
                           f"or choose another --out")
     return Trainer(cfg, out, resume=resume, progress=progress, data=data).fit()
-
-
-def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-    """The saved config of a run, with optional overrides (e.g. more epochs)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise ConfigError(f"--resume: {run_dir} has no config.yaml; is it a selfsup run directory?")
-    cfg = load_config(path)
-    if overrides:
-        update_dataclass(cfg, overrides)
-        finalize(cfg)
-    return cfg

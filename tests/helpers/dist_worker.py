@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from selfsup import distributed
-from selfsup.config import build_config
+from selfsup.configure import build_config
 from selfsup.losses import sinkhorn
 from selfsup.methods import METHODS
 

@@ -90,6 +90,7 @@ logger = logging.getLogger("selfsup.data")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DATASET_NAMES = ("cifar10", "cifar100", "stl10", "mnist", "fashion_mnist", "digits")
 SPLIT_FOLDER_NAMES = ("train", "val", "valid", "validation", "test", "unlabeled")
+SIZE_SAMPLE = 256  # images whose sides the automatic image size is read from
 
 
 class DataError(ValueError):
@@ -202,6 +203,15 @@ class Source(abc.ABC):
     def iter_images(self, image_size: int) -> Iterator[Item]:
         """Yield one :class:`Item` per input, in a deterministic order, resized to ``image_size``."""
 
+    @abc.abstractmethod
+    def image_sides(self, sample: int = SIZE_SAMPLE) -> list[tuple[int, int]]:
+        """``(width, height)`` of up to ``sample`` of the inputs, evenly spaced, without decoding their
+        pixels (what :func:`selfsup.data.auto_image_size` reads)."""
+
+
+def _evenly(n: int, k: int) -> list[int]:
+    return sorted({i * n // k for i in range(k)}) if n > k else list(range(n))
+
 
 class ImageFolderSource(Source):
     """A folder of image files; see the module docstring for labels and ordering."""
@@ -222,6 +232,16 @@ class ImageFolderSource(Source):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def image_sides(self, sample: int = SIZE_SAMPLE) -> list[tuple[int, int]]:
+        sides = []
+        for i in _evenly(len(self.entries), sample):
+            try:
+                with Image.open(os.path.join(self.path, self.entries[i][0])) as img:  # the header only
+                    sides.append(tuple(int(s) for s in img.size))
+            except Exception:  # noqa: BLE001 - an unreadable file is skipped at decode time, and here
+                continue
+        return sides
 
     def iter_images(self, image_size: int) -> Iterator[Item]:
         """In file order; decoded by ``decode_workers()`` processes when there are enough files (the
@@ -290,6 +310,10 @@ class ArraySource(Source):
 
     def __len__(self) -> int:
         return len(self._data[1])
+
+    def image_sides(self, sample: int = SIZE_SAMPLE) -> list[tuple[int, int]]:
+        images = self._data[0]
+        return [(int(images.shape[2]), int(images.shape[1]))] * min(len(images), sample)
 
     def iter_images(self, image_size: int, chunk: int = 1024) -> Iterator[Item]:
         images, labels, ids = self._data
@@ -547,6 +571,9 @@ class ConcatSource(Source):
 
     def __len__(self) -> int:
         return sum(len(p) for p in self.parts)
+
+    def image_sides(self, sample: int = SIZE_SAMPLE) -> list[tuple[int, int]]:
+        return [s for p in self.parts for s in p.image_sides(max(1, sample // len(self.parts)))]
 
     def iter_images(self, image_size: int) -> Iterator[Item]:
         for part in self.parts:

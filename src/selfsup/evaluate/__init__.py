@@ -31,7 +31,6 @@ Protocols that train the backbone, on a class-balanced ``fraction`` of the train
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -45,6 +44,7 @@ import torch
 from ..config import ConfigError
 from ..data import CachedImages, default_test_split, load_images
 from ..data.views import AugConfig
+from ..run import eval_dir, write_result
 from ..runtime import resolve_device
 from .classifier import class_scores, classifier_path, load_classifier, predict_folder, save_classifier
 from .features import Encoder, cached_features, extract_features, fit_random_from_data, load_encoder, precise_bn
@@ -177,7 +177,7 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
     if out is None:
         if run.startswith(("random:", "pretrained:")):
             raise ConfigError(f"for a {run.split(':', 1)[0]}:BACKBONE baseline, say where the result goes with --out DIR")
-        out = Path(run) / "eval"
+        out = eval_dir(run)
     t0 = time.perf_counter()
     encoder = encoder or load_encoder(run, image_size=image_size, seed=seed)
     size = encoder.spec["image_size"]
@@ -256,9 +256,7 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
             r = retrieval_scores(ftr, ytr, fte, yte)
             result.update(top1=r["precision@1"], **r)
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / result_name(protocol, fraction)).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result_name(protocol, fraction)[:-len(".json")], result)
     return result
 
 
@@ -307,7 +305,7 @@ def _segment_protocol(encoder, run, train, test, test_split, out, device, seed, 
         log.warning("could not draw the segmentation figure: %s: %s", type(e).__name__, e)
     log.info("segment: mIoU %.4f, pixel accuracy %.4f", result["miou"], result["pixel_acc"])
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, name, result)
     return result
 
 

@@ -1,75 +1,24 @@
-"""Frozen encoders and their features: load a trained backbone (or a random one) and embed images."""
+"""Frozen encoders and their features: embed images with a run's backbone (loaded by ``run.load_encoder``,
+re-exported here) or a random one, with a feature cache."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..backbones import Backbone, backbone_spec, build_backbone, cached_torchvision_weights, fit_layers_from_data
-from ..config import ConfigError
+from ..backbones import fit_layers_from_data
+from ..checkpoint import atomic_torch_save
 from ..data.cache import default_cache_dir
 from ..data.views import AugConfig
+from ..run import Encoder, checkpoint_path, load_encoder, read_run_checkpoint  # noqa: F401 - re-exported
 from ..runtime import embed, resolve_device
-from ..checkpoint import CheckpointError, atomic_torch_save, check_matches, load_checkpoint
 
 log = logging.getLogger("selfsup")
-
-
-@dataclass
-class Encoder:
-    backbone: Backbone
-    spec: dict  # backbone_spec: name, image_size, small_stem, in_chans
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    name: str  # "random:resnet18" or the run directory
-    precision: str = "auto"
-    input_mode: str = "rgb"  # what the backbone was trained to see (spec["input"])
-
-
-def checkpoint_path(run: str | Path) -> Path:
-    p = Path(run)
-    if p.is_file():
-        return p
-    ckpt = p / "checkpoints" / "last.pt"
-    if not ckpt.exists():
-        if (p / "checkpoints" / "previous.pt").exists():
-            raise ConfigError(f"{ckpt} is missing (a crash while it was replaced?); the checkpoint before it is "
-                              f"{p / 'checkpoints' / 'previous.pt'}: pass that file, or --resume the run")
-        raise ConfigError(f"no checkpoint found: {ckpt} does not exist (is '{run}' a selfsup run directory? "
-                          f"use random:BACKBONE for the random-init baseline)")
-    return ckpt
-
-
-def read_run_checkpoint(run: str | Path) -> dict:
-    """The checkpoint of a run directory or file, checked (:func:`selfsup.checkpoint.load_checkpoint`);
-    a damaged ``last.pt`` names ``previous.pt`` when there is one."""
-    path = checkpoint_path(run)
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as e:
-        previous = path.with_name("previous.pt")
-        if path.name == "last.pt" and previous.exists():
-            raise CheckpointError(f"{e}; the checkpoint before it is {previous}: pass that file, or --resume "
-                                  f"the run (which falls back to it)") from None
-        raise
-    config = path.parent.parent / "config.yaml"
-    if path.parent.name == "checkpoints" and config.exists():  # a run directory: its config names its run
-        import yaml
-
-        try:
-            saved = yaml.safe_load(config.read_text()) or {}
-            method, backbone = saved.get("method"), (saved.get("model") or {}).get("backbone")
-        except (yaml.YAMLError, AttributeError, OSError):
-            method = backbone = None
-        if method and backbone:
-            check_matches(ckpt, path, method, backbone)
-    return ckpt
 
 
 def fit_random_from_data(encoder: Encoder, images: np.ndarray, device: str | torch.device = "cpu") -> bool:
@@ -82,56 +31,6 @@ def fit_random_from_data(encoder: Encoder, images: np.ndarray, device: str | tor
     device = resolve_device(device) if isinstance(device, str) else device
     view = AugConfig(size=encoder.spec["image_size"], mean=encoder.mean, std=encoder.std)
     return fit_layers_from_data(encoder.backbone.to(device), images, view, encoder.input_mode, device)
-
-
-def load_encoder(run: str | Path, image_size: int | None = None, seed: int = 0) -> Encoder:
-    """``run`` is a run directory, a checkpoint file (a ``str`` or a ``Path``, e.g. what
-    :func:`selfsup.pretrain` returns), ``random:BACKBONE`` (untrained baseline, initialised with
-    ``seed``; ``image_size`` picks its stem), or ``pretrained:torchvision:NAME`` (torchvision's DEFAULT
-    weights from the local cache, its ImageNet normalisation; ``image_size`` default 224) or
-    ``pretrained:timm:NAME`` (timm's default weights from the Hugging Face cache, their normalisation)."""
-    defaults = AugConfig()
-    run = str(run)
-    if run.startswith("pretrained:"):  # an off-the-shelf encoder: pretrained:torchvision:NAME or pretrained:timm:NAME
-        name = run.split(":", 1)[1]
-        if not name.startswith(("torchvision:", "timm:")):
-            raise ConfigError(f"{run}: pretrained encoders are torchvision:NAME or timm:NAME (e.g. "
-                              f"pretrained:torchvision:resnet50, pretrained:timm:convnext_tiny)")
-        size = image_size or 224
-        try:
-            backbone = build_backbone(name, size, pretrained=True)
-            if name.startswith("timm:"):
-                mean, std = backbone.pretrained_cfg.get("mean"), backbone.pretrained_cfg.get("std")
-            else:
-                t = cached_torchvision_weights(name.split(":", 1)[1]).transforms()
-                mean, std = t.mean, t.std
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        mean, std = tuple(mean or defaults.mean), tuple(std or defaults.std)
-        return Encoder(backbone.eval(), backbone_spec(name, size, None), mean, std, run)
-    if run.startswith("random:"):
-        name = run.split(":", 1)[1]
-        size = image_size or 32
-        torch.manual_seed(seed)
-        try:
-            backbone = build_backbone(name, size)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        return Encoder(backbone.eval(), backbone_spec(name, size, None), defaults.mean, defaults.std, run)
-    ckpt = read_run_checkpoint(run)
-    spec = ckpt["backbone_spec"]
-    try:
-        backbone = build_backbone(spec["name"], spec["image_size"], spec["small_stem"], spec["in_chans"],
-                                  spec.get("options"))
-        prefix = spec.get("weights", "backbone") + "."  # e.g. DINO's teacher_backbone
-        state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-        backbone.load_state_dict(state)
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{checkpoint_path(run)}: its backbone weights do not fit its backbone spec "
-                              f"({str(e).splitlines()[0][:200]})") from None
-    aug = ckpt["config"].get("aug", {})
-    return Encoder(backbone.eval(), spec, tuple(aug.get("mean", defaults.mean)), tuple(aug.get("std", defaults.std)),
-                   str(run), ckpt["config"]["train"].get("precision", "bf16"), spec.get("input", "rgb"))
 
 
 PROGRESS_MIN_IMAGES = 5000  # feature extraction of at least this many images reports its progress

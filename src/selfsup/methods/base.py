@@ -40,7 +40,20 @@ from ..data.views import INPUT_CHANNELS, multi_crop
 if TYPE_CHECKING:
     from ..config import Config
     from ..data import CachedImages
-    from ..train import Trainer
+
+
+@dataclass
+class RunState:
+    """What :meth:`Method.on_epoch_start` sees of the run that trains it: the training images and where
+    the run stands, not the loop itself (the trainer builds one before each epoch; a test or a script
+    builds its own)."""
+
+    images: np.ndarray  # the training images, (N, H, W, 3) uint8 (the decode cache)
+    device: torch.device
+    seed: int  # train.seed
+    step: int  # the step about to run
+    total_steps: int  # the run's length in steps (planned, for a time budget)
+    optimizer: torch.optim.Optimizer | None = None  # the first phase's optimizer (DeepCluster resets its head's state)
 
 
 class Method(nn.Module):
@@ -105,7 +118,7 @@ class Method(nn.Module):
         phase ``p``'s loss as ``loss_p`` and their sum as ``loss``."""
         return self.training_step(batch)
 
-    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+    def on_epoch_start(self, run: RunState, epoch: int) -> None:
         """Called before the first step of each epoch (also when a run resumes mid-epoch: keep state
         in buffers so that work already done for ``epoch`` is not redone). Nothing by default."""
 

@@ -191,16 +191,16 @@ class Colorization(Method):
         return torch.zeros(len(self.bins), device=flat.device).scatter_add_(0, flat, ones)
 
     @torch.no_grad()
-    def on_epoch_start(self, trainer, epoch: int) -> None:
+    def on_epoch_start(self, run, epoch: int) -> None:
         if int(self.prior_pixels) > 0:  # estimated already (possibly before a resume)
             self._prior_checked = True
             return
-        images = trainer.data.images
-        g = torch.Generator().manual_seed(trainer.cfg.train.seed + 2)
+        images = run.images
+        g = torch.Generator().manual_seed(run.seed + 2)
         idx = torch.randperm(len(images), generator=g)[:self.hp.prior_images].sort().values.numpy()
-        counts = torch.zeros(len(self.bins), device=trainer.device)
+        counts = torch.zeros(len(self.bins), device=run.device)
         for chunk in torch.from_numpy(idx).split(256):
-            x = torch.from_numpy(images[chunk.numpy()]).permute(0, 3, 1, 2).to(trainer.device)
+            x = torch.from_numpy(images[chunk.numpy()]).permute(0, 3, 1, 2).to(run.device)
             counts += self.bin_counts(hard_encode(self.target_ab(to_float(x))[1], self.bins))
         self.set_prior(counts)
 

@@ -163,10 +163,10 @@ class DeepCluster(Method):
             for p in last.parameters():
                 optimizer.state.pop(p, None)
 
-    def on_epoch_start(self, trainer, epoch: int) -> None:
+    def on_epoch_start(self, run, epoch: int) -> None:
         if self.labels_epoch != epoch:  # not when resuming mid-epoch: the checkpoint holds this epoch's labels
-            self.cluster(trainer.data.images, trainer.device, epoch)
-            self.reset_head(trainer.optimizer, epoch)
+            self.cluster(run.images, run.device, epoch)
+            self.reset_head(run.optimizer, epoch)
 
     def epoch_order(self, epoch, generator, n):
         if not self.hp.uniform_sampling or self.labels is None:
@@ -179,7 +179,7 @@ class DeepCluster(Method):
     def prepare(self, images, generator):
         if self.labels is None:
             raise RuntimeError("deepcluster: no pseudo labels yet; the trainer's "
-                               "method.on_epoch_start(trainer, epoch) clusters the data first")
+                               "method.on_epoch_start(run, epoch) clusters the data first")
         if self.batch_indices is None or len(self.batch_indices) != images.shape[0]:
             raise RuntimeError(f"deepcluster: a batch of {images.shape[0]} images needs their dataset indices "
                                f"(method.batch_indices, set by the trainer)")

@@ -164,8 +164,8 @@ class DINO(MultiCropViews, Method):
         self._step, self._total = 0, 0  # set by on_epoch_start (also on resume) and after_step
         self._batch_center: torch.Tensor | None = None  # this step's teacher mean, applied by after_step
 
-    def on_epoch_start(self, trainer, epoch):
-        self._step, self._total = trainer.step, trainer.total_steps
+    def on_epoch_start(self, run, epoch):
+        self._step, self._total = run.step, run.total_steps
 
     def progress(self) -> float:
         """The fraction of the run done at the current step (0 outside a trainer)."""

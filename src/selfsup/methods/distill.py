@@ -76,9 +76,9 @@ class Teacher:
 def load_teacher(run: str, output: str = "auto") -> Teacher:
     """The frozen teacher of a distillation run (see the module docstring). Raises ``ConfigError`` for
     a missing teacher or an unknown ``output``. The global RNG is left untouched."""
-    from ..config import ConfigError, config_from_dict
-    from ..evaluate.features import checkpoint_path, load_encoder
     from ..checkpoint import load_checkpoint
+    from ..config import ConfigError, restore_config
+    from ..run import checkpoint_path, load_encoder
     from . import get_method
 
     if not run:
@@ -100,7 +100,7 @@ def load_teacher(run: str, output: str = "auto") -> Teacher:
         use_projector = has_projector and output in ("auto", "projector")
         net: nn.Module = enc.backbone
         if use_projector:
-            method = get_method(ckpt["method"])(config_from_dict(ckpt["config"]))
+            method = get_method(ckpt["method"])(restore_config(ckpt["config"]))
             method.load_state_dict(ckpt["model"])
             net = nn.Sequential(enc.backbone, method.projector)
     net.eval().requires_grad_(False)
@@ -176,12 +176,12 @@ class Distill(Method):
         return F.normalize(self.teacher.net(x).float(), dim=1)
 
     @torch.no_grad()
-    def on_epoch_start(self, trainer, epoch):
+    def on_epoch_start(self, run, epoch):
         """Before the first step: fill the queue with the teacher's embeddings of K training images,
         evenly spaced over the data (repeated when there are fewer than K), evaluation view."""
         if bool(self.queue_filled):
             return
-        images = trainer.data.images
+        images = run.images
         n, k = len(images), self.queue.shape[0]
         idx = np.arange(k) * n // k if k <= n else np.arange(k) % n
         keys = []

@@ -114,14 +114,14 @@ def encoder_with_projector(run: str | Path, layer: int | None = None) -> Backbon
     eval mode, on the CPU. Loaded with ``weights_only=True``. Its input is the run's evaluation view
     (``selfsup.data.views.eval_view`` with the run's ``aug.mean``/``aug.std``; see
     :func:`projected_encoder`)."""
-    from ..config import ConfigError, config_from_dict
-    from ..evaluate.features import checkpoint_path, load_encoder
     from ..checkpoint import load_checkpoint
+    from ..config import ConfigError
+    from ..run import checkpoint_path, load_encoder
 
     ckpt = load_checkpoint(checkpoint_path(str(run)))
     if ckpt.get("method") != SimCLRv2.name:
         raise ConfigError(f"{run} is a '{ckpt.get('method')}' run; encoder_with_projector needs a simclr_v2 run")
-    hp = SimCLRv2.Params(**config_from_dict(ckpt["config"]).params)
+    hp = SimCLRv2.Params(**ckpt["config"]["params"])
     layer = hp.finetune_from_layer if layer is None else layer
     if not 0 <= layer <= hp.proj_layers:
         raise ConfigError(f"layer must be in 0..{hp.proj_layers} (the run's head has {hp.proj_layers} layers), "
@@ -139,7 +139,7 @@ def projected_encoder(run: str | Path, layer: int | None = None):
     linear, finetune, pseudolabel, fixmatch...) then runs on backbone + head layers."""
     import dataclasses
 
-    from ..evaluate.features import load_encoder
+    from ..run import load_encoder
 
     enc = load_encoder(str(run))
     return dataclasses.replace(enc, backbone=encoder_with_projector(run, layer))

@@ -113,8 +113,8 @@ class SwAV(MultiCropViews, Method):
         w = self.prototypes.weight
         w.copy_(F.normalize(w, dim=1))
 
-    def on_epoch_start(self, trainer, epoch):
-        self._step, self._total = trainer.step, trainer.total_steps
+    def on_epoch_start(self, run, epoch):
+        self._step, self._total = run.step, run.total_steps
 
     def prototypes_frozen(self) -> bool:
         """During the first ``freeze_prototypes_frac`` of the run (never outside a trainer)."""

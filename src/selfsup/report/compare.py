@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import html
-import json
 from pathlib import Path
 
 from ..config import ConfigError
+from ..run import read_results
 from . import plots
 from .html import draw_run, img_tag, page, table
 
@@ -15,17 +15,7 @@ from .html import draw_run, img_tag, page, table
 def eval_results(run_dir: str | Path) -> dict[str, float]:
     """``{result name: top1}`` of a run's evaluations (``eval/<protocol>[_<fraction>].json``); a
     directory holding the jsons directly (``selfsup evaluate random:... --out DIR``) works too."""
-    run_dir = Path(run_dir)
-    folder = run_dir / "eval" if (run_dir / "eval").is_dir() else run_dir
-    out = {}
-    for f in sorted(folder.glob("*.json")):
-        try:
-            r = json.loads(f.read_text())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(r, dict) and "top1" in r:
-            out[f.stem] = float(r["top1"])
-    return out
+    return {name: float(r["top1"]) for name, r in read_results(run_dir).items()}
 
 
 def _order(names: set[str], wanted: list[str] | None) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from ..config import ConfigError
 from ..data import DataError, load_images
 from ..data.views import AugConfig
+from ..run import eval_dir, read_metrics, read_results
 from . import plots
 
 log = logging.getLogger("selfsup")
@@ -56,27 +56,16 @@ def table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def read_metrics_rows(run_dir: Path) -> list[dict[str, str]]:
-    import csv
-
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def eval_tables(run_dir: Path) -> str:
     """HTML tables of every evaluation json of the run."""
-    files = sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").exists() else []
-    if not files:
+    results = read_results(eval_dir(run_dir)) if eval_dir(run_dir).is_dir() else {}
+    if not results:
         return '<p class="muted">No evaluations yet: run <code>selfsup evaluate RUN_DIR --protocol ...</code>.</p>'
     rows, extra = [], []
-    for f in files:
-        r = json.loads(f.read_text())
+    for name, r in results.items():
         detail = {k: r[k] for k in ("k", "weight_decay", "fraction", "n_labeled", "map", "clean_top1", "best_layer",
                                     "mask_rate", "pixel_acc", "finetune") if k in r}
-        rows.append([f.stem, float(r["top1"]), r.get("n_train", ""), r.get("n_test", ""),
+        rows.append([name, float(r["top1"]), r.get("n_train", ""), r.get("n_test", ""),
                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in detail.items())])
         if "layers" in r:
             extra.append("<h3>Layer-wise linear probes</h3>" + table(
@@ -87,11 +76,11 @@ def eval_tables(run_dir: Path) -> str:
                 ["corruption", *sev, "mean"],
                 [[n, *[float(v[s]) for s in sev], float(r["corruptions"][n])] for n, v in r["per_severity"].items()]))
         if "per_class_iou" in r:
-            extra.append(f"<h3>Segmentation ({html.escape(f.stem)}): IoU per class</h3>" + table(
+            extra.append(f"<h3>Segmentation ({html.escape(name)}): IoU per class</h3>" + table(
                 ["class", "IoU"], [[c, "-" if v is None else float(v)] for c, v in r["per_class_iou"].items()]))
-        picture = f.with_suffix(".png")
+        picture = eval_dir(run_dir) / f"{name}.png"
         if picture.exists():  # e.g. segment.png: test frames, ground truth and prediction
-            extra.append(f"<h3>{html.escape(f.stem)}</h3>" + img_tag(picture.read_bytes(), f.stem))
+            extra.append(f"<h3>{html.escape(name)}</h3>" + img_tag(picture.read_bytes(), name))
     return table(["protocol", "top-1", "train", "test", "details"], rows) + "".join(extra)
 
 
@@ -141,12 +130,13 @@ def draw_run(run_dir: str | Path, data: str | None = None, device: str = "auto",
              seed: int = 0) -> RunPictures:
     """Draw the pictures of one run. ``data``: a labeled folder/dataset for the embedding pictures
     (test split as queries, train split as gallery); default: the run's own training data."""
-    from ..evaluate.features import extract_features, load_encoder
+    from ..evaluate.features import extract_features
+    from ..run import load_encoder
     from ..runtime import resolve_device
 
     run_dir = Path(run_dir)
     pics = RunPictures(name=run_dir.name)
-    pics.metrics = read_metrics_rows(run_dir)
+    pics.metrics = read_metrics(run_dir, missing_ok=True)
     for f in sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []:
         pics.method_figures.append((f.stem, f.read_bytes()))
     if not (run_dir / "checkpoints" / "last.pt").exists():
