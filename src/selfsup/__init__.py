@@ -18,8 +18,9 @@ def __getattr__(name):  # lazy: `import selfsup` stays cheap, the API is one att
 
         return Config
     if name in ("evaluate", "load_encoder", "extract_features"):
-        from . import evaluate as ev
+        import importlib  # not `from . import evaluate`: that asks this __getattr__ for "evaluate" again
 
+        ev = importlib.import_module(".evaluate", __name__)
         return getattr(ev, name)
     if name in ("load_images",):
         from . import data
