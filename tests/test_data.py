@@ -184,7 +184,8 @@ def test_cache_reuse_and_rebuild(tmp_path, labeled, monkeypatch):
     assert second.files == first.files and second.classes == first.classes
 
     calls = []
-    monkeypatch.setattr(sources, "decode_image", lambda path, size: calls.append(path) or np.zeros((size, size, 3), np.uint8))
+    monkeypatch.setattr(sources, "decode_image", lambda path, size: calls.append(path) or np.zeros(
+        ((size, size) if isinstance(size, int) else tuple(size)) + (3,), np.uint8))  # a side or a (h, w) frame
     target = labeled / "dog" / "a.png"
     st = target.stat()
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))

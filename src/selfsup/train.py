@@ -249,7 +249,9 @@ class Trainer:
             distributed.broadcast_module(self.method)
         # a closed-form method (no phases: patches) takes no steps: any folder size will do
         batch = cfg.train.batch_size if self.method.phases else min(cfg.train.batch_size, len(data))
-        self.stream = BatchStream(data.images, batch, cfg.train.seed, self.device,
+        # the whole frames of a non-square collection for the methods whose views are random-resized
+        # crops (Method.full_frame), the centre squares for the others (data/size.py)
+        self.stream = BatchStream(data.full_frames if self.method.full_frame else data.images, batch, cfg.train.seed, self.device,
                                   order_fn=self.method.epoch_order, rank=self.rank, world_size=self.world_size)
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.optimizers = build_phase_optimizers(self.method, cfg)

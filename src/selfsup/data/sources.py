@@ -132,26 +132,37 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def fit_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Scale an ``(H, W, 3)`` uint8 image so its shorter side is ``size`` and center-crop it to ``size x size``."""
+def fit_frame(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Scale an ``(H, W, 3)`` uint8 image to cover ``size`` (``(height, width)``; an int: a square) keeping
+    its aspect, and centre-crop it to exactly that: the largest centred box of ``size``'s aspect,
+    resized."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
     height, width = image.shape[:2]
-    if height == width == size:
+    if (height, width) == (out_h, out_w):
         return image
-    side = min(height, width)
-    left, top = (width - side) / 2, (height - side) / 2
-    box = (left, top, left + side, top + side)
-    resized = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, box=box)
+    scale = min(width / out_w, height / out_h)  # of the source box that becomes the output
+    bw, bh = out_w * scale, out_h * scale
+    left, top = (width - bw) / 2, (height - bh) / 2
+    box = (left, top, left + bw, top + bh)
+    resized = Image.fromarray(image).resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
     return np.asarray(resized, dtype=np.uint8)
 
 
-def decode_image(path: str, size: int) -> np.ndarray:
-    """Decode an image file into a uint8 RGB ``(size, size, 3)`` array; raises if it cannot be decoded."""
+def fit_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Scale an ``(H, W, 3)`` uint8 image so its shorter side is ``size`` and center-crop it to ``size x size``."""
+    return fit_frame(image, size)
+
+
+def decode_image(path: str, size: int | tuple[int, int]) -> np.ndarray:
+    """Decode an image file into a uint8 RGB ``(size, size, 3)`` array (``size`` = ``(height, width)``:
+    that frame; :func:`fit_frame`); raises if it cannot be decoded."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
     with Image.open(path) as img:
-        img.draft(None, (size, size))  # JPEG only: decode at a reduced scale when large enough
+        img.draft(None, (out_w, out_h))  # JPEG only: decode at a reduced scale when large enough
         img.load()
         if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation tag says the pixels are rotated/flipped
             img = ImageOps.exif_transpose(img)
-        return fit_square(to_rgb(img), size)
+        return fit_frame(to_rgb(img), size)
 
 
 # --------------------------------------------------------------------------- sources
@@ -200,8 +211,9 @@ class Source(abc.ABC):
         """Number of inputs (images, including ones that may fail to decode)."""
 
     @abc.abstractmethod
-    def iter_images(self, image_size: int) -> Iterator[Item]:
-        """Yield one :class:`Item` per input, in a deterministic order, resized to ``image_size``."""
+    def iter_images(self, image_size: int | tuple[int, int]) -> Iterator[Item]:
+        """Yield one :class:`Item` per input, in a deterministic order, resized to ``image_size`` (a
+        side, or a ``(height, width)`` frame; :func:`fit_frame`)."""
 
     @abc.abstractmethod
     def image_sides(self, sample: int = SIZE_SAMPLE) -> list[tuple[int, int]]:
@@ -311,7 +323,11 @@ class ArraySource(Source):
     def __len__(self) -> int:
         return len(self._data[1])
 
+    native_side: int | None = None  # the side of the dataset's square images, when known without loading it
+
     def image_sides(self, sample: int = SIZE_SAMPLE) -> list[tuple[int, int]]:
+        if self.native_side:
+            return [(self.native_side, self.native_side)]
         images = self._data[0]
         return [(int(images.shape[2]), int(images.shape[1]))] * min(len(images), sample)
 
@@ -321,7 +337,7 @@ class ArraySource(Source):
             block = np.ascontiguousarray(images[start:start + chunk])
             for offset, image in enumerate(block):
                 i = start + offset
-                yield Item(ids[i], int(labels[i]), fit_square(image, image_size), None)
+                yield Item(ids[i], int(labels[i]), fit_frame(image, image_size), None)
 
 
 def _ids(name: str, count: int) -> list[str]:
@@ -375,6 +391,7 @@ def _names(values) -> list[str]:
 class CifarSource(ArraySource):
     """CIFAR-10 / CIFAR-100 in the python (pickled batches) format."""
 
+    native_side = 32
     LAYOUT = {  # kind: (split files, meta file, label key, class-name key)
         "cifar10": ({"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
                     "batches.meta", "labels", "label_names"),
@@ -415,6 +432,7 @@ class StlSource(ArraySource):
     """STL-10 binary format (96x96 images, channels stored column-major)."""
 
     kind = "stl10"
+    native_side = 96
     SPLITS = ("train", "test", "unlabeled")
     IMAGE_BYTES = 3 * 96 * 96
 
@@ -507,6 +525,7 @@ class IdxSource(ArraySource):
         if len(label_shape) != 1 or label_shape[0] != shape[0]:
             raise DataError(f"{self._labels}: expected {shape[0]} labels, header says shape {label_shape}")
         super().__init__(folder, split, [str(i) for i in range(10)], [self._images, self._labels])
+        self.native_side = int(shape[1]) if shape[1] == shape[2] else None
 
     def _load(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         gray = read_idx(self._images)
@@ -522,6 +541,7 @@ class DigitsSource(ArraySource):
     """scikit-learn's bundled 8x8 digits with a fixed stratified 75/25 train/test split."""
 
     kind = "digits"
+    native_side = 8
     SPLITS = ("train", "test")
 
     def __init__(self, split: str):

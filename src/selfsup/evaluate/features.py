@@ -111,14 +111,19 @@ def feature_cache_key(encoder: Encoder, images: np.ndarray) -> str | None:
     The key hashes the backbone's weights and buffers, the view (size, mean, std, input, precision)
     and the cache file's name, size and modification time, so new weights or new data never hit."""
     fn = getattr(images, "filename", None)
-    if fn is None or not images.flags.c_contiguous or not os.path.exists(fn):
+    if fn is None or not os.path.exists(fn):
         return None
+    root = images  # the memmap of the whole file that ``images`` is (or is a view of: a centre square)
+    while isinstance(root.base, np.memmap):
+        root = root.base
     st = os.stat(fn)
-    if st.st_size != images.nbytes:  # a view on part of the file
+    if st.st_size != root.nbytes or not root.flags.c_contiguous:  # a map of part of the file
         return None
+    start = images.__array_interface__["data"][0] - root.__array_interface__["data"][0]
     h = weights_digest(encoder.backbone)
     h.update(repr((sorted(encoder.spec.items()), tuple(encoder.mean), tuple(encoder.std), encoder.precision,
                    encoder.input_mode, os.path.abspath(fn), st.st_size, st.st_mtime_ns, images.shape,
+                   images.strides, start,
                    torch.__version__)).encode())
     return h.hexdigest()[:32]
 

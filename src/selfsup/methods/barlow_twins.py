@@ -37,6 +37,7 @@ from .base import Method, TwoViewFigures
 class BarlowTwins(TwoViewFigures, Method):
     name = "barlow_twins"
     family = "joint-embedding"
+    full_frame = True  # its views are random-resized crops only: of the whole frame
     summary = "Barlow Twins (Zbontar et al. 2021): cross-correlation of the two views' embeddings -> identity"
     views_per_image = 2
 

@@ -66,6 +66,10 @@ class Method(nn.Module):
     # the submodule that evaluation, export and the health checks use as the encoder: the trained
     # ``backbone``, or e.g. DINO's EMA teacher (the paper evaluates the teacher)
     eval_backbone: ClassVar[str] = "backbone"
+    # whether ``prepare`` takes the whole frames of a non-square collection (``CachedImages.frames``):
+    # methods whose views are random-resized crops only (the joint-embedding ones) sample the whole
+    # frame; the others (tiles, rotations, masks, ...) get the centre squares (``CachedImages.images``)
+    full_frame: ClassVar[bool] = False
 
     @dataclass
     class Params:

@@ -44,6 +44,7 @@ from .base import Method, TwoViewFigures
 class BYOL(TwoViewFigures, Method):
     name = "byol"
     family = "joint-embedding"
+    full_frame = True  # its views are random-resized crops only: of the whole frame
     summary = "BYOL (Grill et al. 2020): online predictor regresses an EMA target's projection, no negatives"
     views_per_image = 2
 

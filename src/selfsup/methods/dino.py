@@ -114,6 +114,7 @@ class DINOHead(nn.Module):
 class DINO(MultiCropViews, Method):
     name = "dino"
     family = "joint-embedding"
+    full_frame = True  # its views are random-resized crops only: of the whole frame
     summary = "DINO (Caron et al. 2021): student matches a momentum teacher's centred, sharpened output"
     views_per_image = 8  # encoder inputs per image with the default multi-crop: 2 global + 6 local
     eval_backbone = "teacher_backbone"  # evaluated, exported, health-checked: the teacher (paper, Sec. 5.2)

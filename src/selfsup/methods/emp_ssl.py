@@ -50,6 +50,7 @@ from .base import Method
 class EMPSSL(Method):
     name = "emp_ssl"
     family = "joint-embedding"
+    full_frame = True  # its views are random-resized crops only: of the whole frame
     summary = ("EMP-SSL (Tong et al. 2023): many small patches per image, total coding rate + invariance "
                "to the image's mean embedding; evaluated as a bag of crops")
 

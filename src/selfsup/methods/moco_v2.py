@@ -44,6 +44,7 @@ from .base import Method, TwoViewFigures
 class MoCoV2(TwoViewFigures, Method):
     name = "moco_v2"
     family = "joint-embedding"
+    full_frame = True  # its views are random-resized crops only: of the whole frame
     summary = "MoCo v2 (Chen et al. 2020): momentum key encoder, queue of negatives, InfoNCE"
     views_per_image = 2
 

@@ -63,6 +63,7 @@ from .base import Method, TwoViewFigures
 class MoCoV3(TwoViewFigures, Method):
     name = "moco_v3"
     family = "joint-embedding"
+    full_frame = True  # its views are random-resized crops only: of the whole frame
     summary = "MoCo v3 (Chen, Xie & He 2021): momentum encoder, in-batch keys (no queue), predictor, InfoNCE"
     views_per_image = 2
 

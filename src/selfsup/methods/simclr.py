@@ -27,6 +27,7 @@ from .base import Method, TwoViewFigures
 class SimCLR(TwoViewFigures, Method):
     name = "simclr"
     family = "joint-embedding"
+    full_frame = True  # its views are random-resized crops only: of the whole frame
     summary = "SimCLR (Chen et al. 2020): two views, projection MLP, NT-Xent contrastive loss"
     views_per_image = 2
 

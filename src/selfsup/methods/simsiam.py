@@ -39,6 +39,7 @@ from .base import Method, TwoViewFigures
 class SimSiam(TwoViewFigures, Method):
     name = "simsiam"
     family = "joint-embedding"
+    full_frame = True  # its views are random-resized crops only: of the whole frame
     summary = "SimSiam (Chen & He 2021): predictor + stop-gradient on a shared encoder, negative cosine"
     views_per_image = 2
 

@@ -68,6 +68,7 @@ from .base import Method, MultiCropViews
 class SwAV(MultiCropViews, Method):
     name = "swav"
     family = "joint-embedding"
+    full_frame = True  # its views are random-resized crops only: of the whole frame
     summary = "SwAV (Caron et al. 2020): Sinkhorn cluster codes of one crop predicted from the other crops"
     views_per_image = 6  # encoder inputs per image with the default multi-crop: 2 global + 4 local
 

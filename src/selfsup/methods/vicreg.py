@@ -35,6 +35,7 @@ from .base import Method, TwoViewFigures
 class VICReg(TwoViewFigures, Method):
     name = "vicreg"
     family = "joint-embedding"
+    full_frame = True  # its views are random-resized crops only: of the whole frame
     summary = "VICReg (Bardes et al. 2022): invariance + variance hinge + covariance penalty on embeddings"
     views_per_image = 2
 
