@@ -11,7 +11,8 @@ Rows, all with the same backbone (``--backbone``, default convnet):
   labeled train split);
 * every ``--methods`` entry pretrained for ``--time`` with its preset (``selfsup pretrain --time``) on
   (a) CamVid train + val frames (468 images, their labels never read; decoded at ``--camvid-size`` px,
-  centre square, batch ``--camvid-batch-size``) and (b) CIFAR-10 train (32 px, ``--batch-size``), then
+  whole 4:3 frames for the crop methods, centre squares for the others: ``selfsup.data.size``; batch
+  ``--camvid-batch-size``) and (b) CIFAR-10 train (32 px, ``--batch-size``), then
   evaluated frozen.
 
 Evaluation: ``selfsup evaluate RUN --protocol segment --train CAMVID --test CAMVID --ignore-index 11``
