@@ -42,7 +42,7 @@ def test_fit_frame_keeps_the_frame_or_its_centre():
     assert frame_shape(16, 1.5) == (16, 24) and frame_shape(16, 0.5) == (32, 16) and frame_shape(16, 1.0) == (16, 16)
 
 
-def test_the_cache_keeps_whole_frames_and_shows_their_centre(tmp_path):
+def test_the_cache_keeps_whole_frames_and_shows_their_centre(tmp_path, monkeypatch):
     data = _landscape(tmp_path / "photos")
     assert frame_aspect(open_source(str(data))) == 1.5
     d = load_images(str(data), image_size=16, cache_dir=str(tmp_path / "c"), progress=False)
@@ -50,7 +50,11 @@ def test_the_cache_keeps_whole_frames_and_shows_their_centre(tmp_path):
     assert d.frames[:, :, :2, 0].min() > 150 and d.frames[:, :, -2:, 0].min() > 150  # red margins kept
     assert d.images[..., 0].max() < 60 and d.images[..., 1].min() > 150  # the centre square: green only
     assert np.array_equal(d.images, d.frames[:, :, 4:20])
-    again = load_images(str(data), image_size=16, cache_dir=str(tmp_path / "c"), progress=False)
+    from selfsup.data.sources import ImageFolderSource
+
+    with monkeypatch.context() as m:  # a hit reads no image file, not even the headers
+        m.setattr(ImageFolderSource, "image_sides", lambda *a: pytest.fail("read the headers on a cache hit"))
+        again = load_images(str(data), image_size=16, cache_dir=str(tmp_path / "c"), progress=False)
     assert again.frames.filename == d.frames.filename  # a cache hit
     sub = d.subset(np.array([3, 1]))
     assert np.array_equal(sub.images, d.images[[3, 1]]) and np.array_equal(sub.frames, d.frames[[3, 1]])

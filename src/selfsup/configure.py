@@ -12,11 +12,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import Config, ConfigError, _plain, preset, restore_config, update_dataclass, validate
 from .methods import get_method
-from .run import read_saved_config
+from .run import read_config_file, read_saved_config
 
 
 def build_config(method: str, overrides: dict[str, Any] | None = None) -> Config:
@@ -53,7 +51,7 @@ def config_from_dict(d: dict[str, Any]) -> Config:
 
 
 def load_config(path: Path) -> Config:
-    return config_from_dict(yaml.safe_load(Path(path).read_text()))
+    return config_from_dict(read_config_file(path))
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Config:

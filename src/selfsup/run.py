@@ -45,11 +45,17 @@ def config_path(run_dir: str | Path) -> Path:
 
 def read_saved_config(run_dir: str | Path) -> dict[str, Any]:
     """``RUN_DIR/config.yaml`` as a plain dict, unchecked (``configure.load_config`` checks it)."""
-    import yaml
-
     path = config_path(run_dir)
     if not path.exists():
         raise ConfigError(f"{run_dir} has no config.yaml; is it a selfsup run directory?")
+    return read_config_file(path)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A saved config file as a plain dict, unchecked; a clear error for bad YAML or no ``method``."""
+    import yaml
+
+    path = Path(path)
     try:
         d = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -199,14 +205,12 @@ def read_run_checkpoint(run: str | Path) -> dict:
             raise CheckpointError(f"{e}; the checkpoint before it is {previous}: pass that file, or --resume "
                                   f"the run (which falls back to it)") from None
         raise
-    config = path.parent.parent / "config.yaml"
+    config = config_path(path.parent.parent)
     if path.parent.name == "checkpoints" and config.exists():  # a run directory: its config names its run
-        import yaml
-
         try:
-            saved = yaml.safe_load(config.read_text()) or {}
+            saved = read_config_file(config)
             method, backbone = saved.get("method"), (saved.get("model") or {}).get("backbone")
-        except (yaml.YAMLError, AttributeError, OSError):
+        except (ConfigError, AttributeError, OSError):
             method = backbone = None
         if method and backbone:
             check_matches(ckpt, path, method, backbone)

@@ -11,8 +11,8 @@ in the cache folder (``cache_dir`` argument, else ``$SELFSUP_CACHE``, else
   ``files``, ``skipped`` (``[path, reason]`` pairs), ``source`` and ``created``.
 
 The key is ``<identity>-<content>``: ``identity`` hashes :data:`FORMAT_VERSION`, the
-source kind, its absolute path, the split, the image size and the frame when it is not square;
-``content`` hashes those
+source kind, its absolute path, the split, the image size and, for ``full_frame=False``, that the
+frames are squares; ``content`` hashes those
 and the source fingerprint (file names, sizes and modification times). Adding, removing
 or modifying a file therefore changes the key and the split is decoded again; after a
 rebuild the older entries with the same identity are deleted.
@@ -44,7 +44,7 @@ from .sources import DataError, Source, open_source
 
 logger = logging.getLogger("selfsup.data")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the entry's frame is chosen when it is built (data/size.py) and kept in its json
 
 
 @dataclass
@@ -105,25 +105,26 @@ def default_cache_dir() -> str:
     return os.environ.get("SELFSUP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "selfsup", "cache")
 
 
-def cache_key(source: Source, image_size: int, frame: tuple[int, int] | None = None) -> str:
-    """File stem of the cache entry for ``source`` decoded at ``image_size`` into ``frame`` (``(H, W)``;
-    None or square: ``image_size`` squares) (see the module docstring)."""
+def cache_key(source: Source, image_size: int, full_frame: bool = True) -> str:
+    """File stem of the cache entry for ``source`` decoded at ``image_size``, in whole frames or, without
+    ``full_frame``, squares (see the module docstring). The frame itself follows from the files, which
+    ``content`` hashes, so it is chosen once, when the entry is built, and read from its json."""
     parts = [FORMAT_VERSION, source.kind, source.path, source.split, image_size]
-    if frame is not None and tuple(frame) != (image_size, image_size):
-        parts.append(list(frame))
+    if not full_frame:
+        parts.append("square")
     identity = json.dumps(parts)
     content = hashlib.sha256(f"{identity}\0{source.fingerprint()}".encode("utf-8", "surrogateescape"))
     return f"{hashlib.sha256(identity.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}-{content.hexdigest()[:32]}"
 
 
-def _read_entry(base: str, image_size: int, frame: tuple[int, int]) -> CachedImages | None:
+def _read_entry(base: str, image_size: int) -> CachedImages | None:
     """Open the cache entry at ``base`` (path without extension), or None if it is missing or inconsistent."""
     try:
         with open(base + ".json", encoding="utf-8") as f:
             meta = json.load(f)
         n, size = meta["n"], meta["image_size"]
-        h, w = meta.get("frame", [size, size])
-        valid = (meta["format"] == FORMAT_VERSION and size == image_size and (h, w) == tuple(frame)
+        h, w = meta["frame"]
+        valid = (meta["format"] == FORMAT_VERSION and size == image_size and min(h, w) == size
                  and len(meta["labels"]) == n and len(meta["files"]) == n and n > 0
                  and os.path.getsize(base + ".u8") == n * h * w * 3)
     except (OSError, ValueError, KeyError, TypeError):
@@ -220,14 +221,14 @@ def load_images(spec: str, split: str = "train", image_size: int = 32, cache_dir
     source = open_source(spec, split, download=download)
     cache_dir = os.path.abspath(cache_dir or default_cache_dir())
     os.makedirs(cache_dir, exist_ok=True)
-    frame = frame_shape(image_size, frame_aspect(source) if full_frame else 1.0)
-    key = cache_key(source, image_size, frame)
+    key = cache_key(source, image_size, full_frame)
     base = os.path.join(cache_dir, key)
-    data = _read_entry(base, image_size, frame)
+    data = _read_entry(base, image_size)  # a hit reads no image file, its headers included
     if data is None:
+        frame = frame_shape(image_size, frame_aspect(source) if full_frame else 1.0)
         _build_entry(source, image_size, frame, base, progress)
         _remove_stale(cache_dir, key)
-        data = _read_entry(base, image_size, frame)
+        data = _read_entry(base, image_size)
         if data is None:
             raise DataError(f"the cache entry {base}.json written for {source.describe()} cannot be read back")
         logger.info("decoded %d images of %s into %s.u8", len(data), data.source, base)

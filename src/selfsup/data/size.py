@@ -46,8 +46,7 @@ def auto_image_size(source: Source, device_type: str = "cpu") -> tuple[int, str]
         return side, f"{seen}: small images train at their own size (a multiple of 8, at least 16)"
     cap = CAP.get(device_type, CPU_CAP)
     side = max(TINY_MAX, min(s, cap) // 16 * 16)
-    where = "a GPU" if device_type == "cuda" else f"a {device_type.upper()}" if device_type != "cpu" else "a CPU"
-    capped = f", capped at {cap} px on {where}" if s > cap else ""
+    capped = f", capped at {cap} px on {'a GPU' if device_type == 'cuda' else 'a CPU'}" if s > cap else ""
     return side, f"{seen}: larger images train at their side rounded down to a multiple of 16{capped}"
 
 
