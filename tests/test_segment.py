@@ -147,3 +147,24 @@ def test_frozen_segmentation_features_are_remembered_and_a_vit_segments_too(seg_
                  lr=0.01, progress=False, cache_dir=str(cache))
     assert r["stride"] == 4 and r["network_size"] == [24, 20], r  # 24 x 20 frames, 4 px patches
     assert r["miou"] > 0.45, r  # chance (all background) ~0.27
+
+
+def test_a_runs_segmentation_picture_lands_in_its_figures_and_its_report_once(seg_data, tmp_path, monkeypatch):
+    """Evaluating a run directory draws test frames | ground truth | prediction into RUN_DIR/eval and
+    RUN_DIR/figures; the report shows the picture once, beside the per-class IoU table."""
+    from selfsup.configure import build_config
+    from selfsup.evaluate import evaluate
+    from selfsup.report import write_report
+    from selfsup.train import Trainer
+
+    run = tmp_path / "rot"
+    cfg = build_config("rotation", {"model": {"backbone": "convnet"},
+                                    "data": {"path": str(seg_data / "train" / "images"), "image_size": 16},
+                                    "train": {"epochs": 1, "batch_size": 8, "ckpt_every": 1000}})
+    Trainer(cfg, run, progress=False).fit()
+    r = evaluate(str(run), "segment", seg_data, seg_data, epochs=3, lr=0.01, progress=False)
+    assert (run / "eval" / "segment.json").exists() and r["figure"] == str(run / "eval" / "segment.png")
+    drawn = (run / "figures" / "segment.png").read_bytes()
+    assert drawn == (run / "eval" / "segment.png").read_bytes() and len(drawn) > 2000
+    text = write_report(run).read_text()
+    assert "<h3>Segmentation (segment): IoU per class</h3>" in text and text.count("<h3>segment</h3>") == 1

@@ -301,6 +301,12 @@ def _segment_protocol(encoder, run, train, test, test_split, out, device, seed, 
         result["figure"] = str(segmentation_figure(backbone, head, te, view, size, resolve_device(device)
                                                    if isinstance(device, str) else device, encoder.input_mode,
                                                    encoder.precision, out / f"{name}.png"))
+        if ":" not in run and (Path(run) / "checkpoints").is_dir():  # a run directory: its figures/ too
+            figures = Path(run) / "figures"
+            figures.mkdir(exist_ok=True)
+            tmp = figures / f".{name}.png.tmp"
+            tmp.write_bytes(Path(result["figure"]).read_bytes())
+            os.replace(tmp, figures / f"{name}.png")
     except Exception as e:  # noqa: BLE001 - a picture must not lose the scores
         log.warning("could not draw the segmentation figure: %s: %s", type(e).__name__, e)
     log.info("segment: mIoU %.4f, pixel accuracy %.4f", result["miou"], result["pixel_acc"])

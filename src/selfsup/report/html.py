@@ -137,8 +137,10 @@ def draw_run(run_dir: str | Path, data: str | None = None, device: str = "auto",
     run_dir = Path(run_dir)
     pics = RunPictures(name=run_dir.name)
     pics.metrics = read_metrics(run_dir, missing_ok=True)
+    shown_with_results = {f.stem for f in eval_dir(run_dir).glob("*.png")} if eval_dir(run_dir).is_dir() else set()
     for f in sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []:
-        pics.method_figures.append((f.stem, f.read_bytes()))
+        if f.stem not in shown_with_results:  # e.g. segment.png: drawn once, beside its scores
+            pics.method_figures.append((f.stem, f.read_bytes()))
     if not (run_dir / "checkpoints" / "last.pt").exists():
         pics.notes.append("no checkpoint in this directory (an evaluation-only or baseline directory)")
         return pics
