@@ -464,3 +464,22 @@ def test_parallel_decoding_from_the_command_line(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("decoding 12 images") == 1  # one decode, by the parent: the workers ran no command
     assert (tmp_path / "emb.npy").exists()
+
+
+def test_a_script_without_a_main_guard_decodes_instead_of_hanging(tmp_path):
+    """A user's script that calls selfsup at import time (no ``if __name__ == "__main__":``) makes every
+    spawned decoding worker re-run it and die; the decode then finishes in the script's own process with
+    a warning that names the fix (a ``multiprocessing.Pool`` respawned such workers forever)."""
+    import subprocess
+
+    from conftest import make_folder
+
+    root = make_folder(tmp_path / "imgs", 4, size=12, seed=5)
+    script = tmp_path / "unguarded.py"
+    script.write_text("from selfsup.data import load_images\n"
+                      f"imgs = load_images({str(root)!r}, image_size=12, cache_dir={str(tmp_path / 'c')!r}, "
+                      "progress=False)\nprint('decoded', len(imgs))\n")
+    env = {**os.environ, "SELFSUP_DECODE_WORKERS": "2"}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0 and "decoded 16" in r.stdout, r.stderr[-2000:]
+    assert 'under `if __name__ == "__main__":`' in r.stderr

@@ -264,9 +264,21 @@ class ImageFolderSource(Source):
             yield from map(_decode_item, jobs)
             return
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            yield from pool.imap(_decode_item, jobs, chunksize=64)
+        done = 0
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for item in pool.map(_decode_item, jobs, chunksize=64):
+                    yield item
+                    done += 1
+        except BrokenProcessPool as e:  # e.g. a script without `if __name__ == "__main__":` (each spawned
+            # worker re-runs it and dies starting its own pool): a multiprocessing.Pool would respawn them forever
+            logger.warning("the decode workers died (%s); decoding the remaining %d images in this process. A "
+                           "script that calls selfsup should do so under `if __name__ == \"__main__\":`, since "
+                           "spawned workers import it", e, len(jobs) - done)
+            yield from map(_decode_item, jobs[done:])
 
 
 PARALLEL_DECODE_MIN_FILES = 2000  # fewer files decode faster in this process than a pool starts
