@@ -13,6 +13,7 @@ import yaml
 
 from conftest import make_folder
 from selfsup.configure import build_config, load_config
+from selfsup.config import ConfigError
 from selfsup.methods.rotation import Rotation
 from selfsup.optim import lr_factor, warmup_steps_for
 from selfsup.train import NonFiniteLoss, load_checkpoint, pretrain
@@ -239,6 +240,17 @@ def test_training_views_can_be_smaller_than_the_images(tiny_dataset, tmp_path):
     assert x.shape == (8, 3, 8, 8)
     t.fit()
     assert load_encoder(tmp_path / "run").spec["image_size"] == 16
+    # the same as a fraction of the image size, for any folder: 0.75 of 16 px, and of the size chosen from the images
+    frac = {"model": {"backbone": "convnet"}, "data": {"path": str(tiny_dataset / "train"), "view_frac": 0.75},
+            "train": {"batch_size": 16, "device": "cpu"},
+            "params": {"proj_hidden_dim": 32, "proj_dim": 16}}
+    assert build_config("simclr", {**frac, "data": {**frac["data"], "image_size": 16}}).aug.size == 12
+    t = Trainer(build_config("simclr", frac), tmp_path / "auto", progress=False)
+    assert t.cfg.data.image_size == 16 and t.cfg.aug.size == 12
+    with pytest.raises(ConfigError, match="both set"):
+        build_config("simclr", {**frac, "data": {**frac["data"], "view_size": 8}})
+    with pytest.raises(ConfigError, match="view_frac must be in"):
+        build_config("simclr", {**frac, "data": {**frac["data"], "view_frac": 1.5}})
 
 
 def test_tensorboard_logger_writes_the_metrics_as_scalars(tiny_dataset, tmp_path):

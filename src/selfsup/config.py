@@ -42,6 +42,8 @@ class DataConfig:
     #                      from the images (data/size.py: tiny stay tiny, photos 96 px on a CPU, 224 on a GPU)
     view_size: int = 0  # side of the training views (augmented crops); 0: image_size. Smaller is cheaper
     #                     (e.g. 24 for 32 px data); the backbone is evaluated at image_size
+    view_frac: float = 0.0  # the same as a fraction of image_size (0.75: 24 px views of 32 px images, 72 of
+    #                         96), for any folder; 0: not used. At most one of view_size and view_frac
     cache_dir: str | None = None  # decode cache; default $SELFSUP_CACHE or ~/.cache/selfsup/cache
     download: bool = False  # allow downloading a named dataset (cifar10, stl10, ...)
 
@@ -296,6 +298,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.image_size must be >= 1, or 0 to choose it from the images, got {cfg.data.image_size}")
     if cfg.data.view_size < 0:
         raise ConfigError(f"data.view_size must be >= 0 (0: the image size), got {cfg.data.view_size}")
+    if not 0 <= cfg.data.view_frac <= 1:
+        raise ConfigError(f"data.view_frac must be in (0, 1] (0: not used), got {cfg.data.view_frac}")
+    if cfg.data.view_size and cfg.data.view_frac:
+        raise ConfigError(f"data.view_size={cfg.data.view_size} and data.view_frac={cfg.data.view_frac} both set "
+                          f"the training views' side: give one")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if cfg.train.time_budget is not None:
@@ -335,8 +342,18 @@ def restore_config(d: dict[str, Any]) -> Config:
     d = dict(d)
     cfg = Config(method=d.pop("method"))
     update_dataclass(cfg, d)
-    cfg.aug.size = cfg.data.view_size or cfg.data.image_size
+    cfg.aug.size = view_side(cfg.data)
     return cfg
+
+
+def view_side(data: DataConfig) -> int:
+    """The training views' side: ``data.view_size``, else ``data.view_frac`` of the image size (rounded,
+    at least 4 px), else the image size (0 while the image size is still to be chosen)."""
+    if data.view_size:
+        return data.view_size
+    if data.view_frac and data.image_size:
+        return max(4, min(data.image_size, int(round(data.image_size * data.view_frac))))
+    return data.image_size
 
 
 def save_config(cfg: Config, path: Path) -> None:

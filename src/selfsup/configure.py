@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, _plain, preset, restore_config, update_dataclass, validate
+from .config import Config, ConfigError, _plain, preset, restore_config, update_dataclass, validate, view_side
 from .methods import get_method
 from .run import read_config_file, read_saved_config
 
@@ -32,7 +32,7 @@ def build_config(method: str, overrides: dict[str, Any] | None = None) -> Config
 
 def finalize(cfg: Config) -> Config:
     """Derive what follows from other fields, fill the method's params, validate."""
-    cfg.aug.size = cfg.data.view_size or cfg.data.image_size  # the training views' side
+    cfg.aug.size = view_side(cfg.data)  # the training views' side
     cfg.params = resolve_params(get_method(cfg.method), cfg.params)
     validate(cfg)
     return cfg
