@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+
 def main():
     from selfsup.run import load_encoder
     from selfsup.data import load_images
@@ -23,18 +24,23 @@ def main():
         enc = load_encoder(run, seed=0)
         fit_random_from_data(enc, tr.images, "cpu")
         precise_bn(enc, tr.images, "cpu", seed=0)
-        ftr = cached_features(enc, tr.images, "cpu", None); fte = cached_features(enc, te.images, "cpu", None)
+        ftr = cached_features(enc, tr.images, "cpu", None)
+        fte = cached_features(enc, te.images, "cpu", None)
         out = [run]
         mu = ftr.mean(0)
-        U, S, V = torch.linalg.svd(ftr - mu, full_matrices=False)
+        _, S, V = torch.linalg.svd(ftr - mu, full_matrices=False)  # one SVD: the directions and their variances
+
         def drop(k):
             P = V[k:].T
             return lambda x: (x - mu) @ P
+
         for name, f in (("raw", lambda x: x), ("drop1", drop(1)), ("drop3", drop(3))):
             pred = knn_predict(f(ftr), ytr, f(fte), 10, 200, 0.1)
             out.append(f"{name} {float((pred == yte).float().mean()):.4f}")
-        s = torch.linalg.svdvals(ftr - ftr.mean(0)); e = s**2 / (s**2).sum()
+        e = S**2 / (S**2).sum()
         out.append(f"top1 var share {float(e[0]):.3f} top5 {float(e[:5].sum()):.3f}")
         print(" | ".join(out), flush=True)
+
+
 if __name__ == "__main__":
     main()

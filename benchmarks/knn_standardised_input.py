@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+
 def main():
     import selfsup.data.views as V
     from selfsup.methods.jigsaw import standardize_tiles
@@ -28,8 +29,11 @@ def main():
     for run in sys.argv[1:]:
         enc = load_encoder(run, seed=0)
         precise_bn(enc, tr.images, "cpu", seed=0)
-        ftr = extract_features(enc, tr.images, "cpu"); fte = extract_features(enc, te.images, "cpu")
+        ftr = extract_features(enc, tr.images, "cpu")
+        fte = extract_features(enc, te.images, "cpu")
         pred = knn_predict(ftr, ytr, fte, 10, 200, 0.1)
         print(run, "per-image standardised input: kNN", round(float((pred == yte).float().mean()), 4), flush=True)
+
+
 if __name__ == "__main__":
     main()
