@@ -46,7 +46,7 @@ def _method(**params):
 
 
 def test_codes_are_the_q_nearest_atoms_of_every_window_and_of_its_negative():
-    m = _method()
+    m = _method(select="exact")
     images = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
     m.fit(images, torch.device("cpu"), seed=0)
     mu, w = m.whitening_
@@ -69,6 +69,39 @@ def test_codes_are_the_q_nearest_atoms_of_every_window_and_of_its_negative():
     assert torch.allclose(f.view(2, 12, 2, 2), torch.nn.functional.adaptive_avg_pool2d(codes, 2))
     with pytest.raises(ConfigError, match="q_frac"):
         _method(q_frac=1.0)
+    with pytest.raises(ConfigError, match="select"):
+        _method(select="nearest")
+
+
+def test_threshold_codes_use_each_windows_score_moments_and_agree_with_the_exact_selection():
+    m = _method(num_atoms=200, q_frac=0.4, fit_patches=2000, calibrate_images=20)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    info = m.fit(images, torch.device("cpu"), seed=0)
+    enc = m.backbone
+    assert enc.select == "threshold" and info["z"] == pytest.approx(float(enc.z.mean()))
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    # the small convolution gives each window's mean and variance of its k scores, both polarities
+    w, b = enc.moment_filters()
+    mom = torch.nn.functional.conv2d(x, w, b)
+    sp = enc.scores(x)
+    d2 = w.shape[0] // 2
+    for i, s in enumerate((sp, -sp - enc.norms.view(1, -1, 1, 1))):
+        part = mom[:, i * d2:(i + 1) * d2]
+        assert torch.allclose(part[:, 0], s.mean(1), atol=1e-3)
+        assert torch.allclose(part[:, 1:].square().sum(1), s.var(1, unbiased=False), rtol=1e-3, atol=1e-3)
+    # z is the standardised q-th largest score, so the threshold codes about q atoms per window,
+    # mostly the same ones as the exact selection
+    approx = enc.codes(x)
+    enc.select = "exact"
+    exact = enc.codes(x)
+    assert abs(float(approx.mean()) - 0.4) < 0.03 and float(exact.mean()) == pytest.approx(0.4, abs=1e-3)
+    assert float((approx == exact).float().mean()) > 0.93
+    enc.select = "threshold"
+    for grid in (1, 2, 3):  # the pooled features are adaptive average pooling of the codes (6 x 6 windows here)
+        enc.grid = grid
+        f = enc(x)
+        assert torch.allclose(f, torch.nn.functional.adaptive_avg_pool2d(approx, grid).flatten(1), atol=1e-6)
 
 
 def test_a_patches_run_fits_once_evaluates_and_exports(tiny_dataset, tmp_path, capsys):

@@ -254,42 +254,129 @@ class PatchEncoder(Backbone):
     distance is ``|W(x - mu) - W(p_j - mu)|^2 = |W(x - mu)|^2 - 2 c_j + n_j`` with
     ``c_j = <x - mu, W^T W (p_j - mu)>`` (a convolution with ``kernel`` plus ``bias``) and
     ``n_j = |W(p_j - mu)|^2`` (``norms``), so the nearest atoms of ``x`` are those of largest
-    ``c_j - n_j / 2``, and those of ``-x`` (in centred whitened space) of largest ``-c_j - n_j / 2``."""
+    ``c_j - n_j / 2``, and those of ``-x`` (in centred whitened space) of largest ``-c_j - n_j / 2``.
+
+    ``select``: ``"exact"`` selects the q largest scores of every window (Thiry's code; a selection
+    among k scores at each window, 22 images/s on 2 cores at k = 1024); ``"threshold"`` codes the atoms
+    whose score is at least ``mean + z * std`` of the window's scores, both moments from one small
+    convolution, ``z`` calibrated on training windows (148 images/s, 6.8x; on CIFAR-10 99.3% of the
+    codes and a correlation of 0.9997 of the pooled features with the exact ones)."""
 
     CHUNK = 32  # images encoded at once (the code map is 2k x 27 x 27 floats per image)
 
     def __init__(self, image_size: int = 32, in_chans: int = 3, k: int = 1024, patch: int = 6, q: int = 410,
-                 grid: int = 2) -> None:
+                 grid: int = 2, select: str = "exact") -> None:
         super().__init__()
         if not 1 <= q < k or patch > image_size or grid < 1:
             raise ValueError(f"patches: need 1 <= q < k (got q={q}, k={k}), patch <= image size, grid >= 1")
-        self.k, self.patch, self.q, self.grid = k, patch, q, grid
+        if select not in ("exact", "threshold"):
+            raise ValueError(f"patches: select must be 'exact' or 'threshold', not {select!r}")
+        self.k, self.patch, self.q, self.grid, self.select = k, patch, q, grid, select
         self.register_buffer("kernel", torch.zeros(k, in_chans, patch, patch))
         self.register_buffer("bias", torch.zeros(k))
         self.register_buffer("norms", torch.zeros(k))
+        # select="threshold": the q-th largest score of a window is taken as mean + z * std of its k
+        # scores, z calibrated per polarity on the training windows (PatchEncoder.calibrate)
+        self.register_buffer("z", torch.zeros(2))
         self.stage_names = ["codes"]
         self.stage_dims = [2 * k]
         self.out_dim = 2 * k * grid * grid
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 2k, H - patch + 1, W - patch + 1)``: the q-nearest-atom codes of every window of ``x``
-        (first k channels) and of its negative (last k), in float32."""
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "z", torch.zeros(2))  # layers fitted before select="threshold" existed
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The scores ``s_j = c_j - n_j / 2`` of every window of ``x`` ``(B, k, h, w)``, float32 (larger
+        is nearer); those of the negative window are ``-c_j - n_j / 2 = -s_j - n_j``."""
         with torch.autocast(x.device.type, enabled=False):
-            c = F.conv2d(x.float(), self.kernel, self.bias)  # (B, k, h, w)
-            half = self.norms.view(1, -1, 1, 1) / 2
-            out = []
-            for score in (c - half, -c - half):
-                # the q-th largest score per window (a selection: 311 ms per 32 images against topk's
-                # 345 on 2 cores; either way ~32 images/s, too slow for CIFAR-10's 60,000)
-                kth = score.kthvalue(self.k - self.q + 1, dim=1, keepdim=True).values
-                out.append((score >= kth).float())
-            return torch.cat(out, dim=1)
+            x = x.float().contiguous(memory_format=torch.channels_last)  # 1.7x faster on CPU
+            return F.conv2d(x, self.kernel, self.bias - self.norms / 2)
+
+    def moment_filters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A convolution ``(weight, bias)`` with ``2 * (d + 2)`` output channels (``d`` the window's
+        size) that gives, for every window, the mean of its k scores and ``d + 1`` maps whose squares
+        sum to their variance, for the window and for its negative. A score is linear in the window:
+        ``s_j = <v_j, [x; 1]>`` with ``v_j = [kernel_j; bias_j - n_j / 2]`` (``[-kernel_j; -bias_j -
+        n_j / 2]`` for the negative), so its mean over atoms is ``<mean(v), [x; 1]>`` and its variance
+        ``[x; 1]^T C [x; 1] = |R [x; 1]|^2`` with ``C = R^T R`` the covariance of the ``v_j``."""
+        k = self.k
+        flat = self.kernel.flatten(1).double()
+        weights, biases = [], []
+        for sign in (1.0, -1.0):
+            v = torch.cat([sign * flat, (sign * self.bias.double() - self.norms.double() / 2)[:, None]], 1)
+            mean = v.mean(0, keepdim=True)
+            vc = v - mean
+            evals, evecs = torch.linalg.eigh(vc.T @ vc / k)
+            r = evals.clamp_min(0).sqrt()[:, None] * evecs.T  # R = L^(1/2) U^T, R^T R = C
+            rows = torch.cat([mean, r])  # (d + 2, d + 1)
+            weights.append(rows[:, :-1])
+            biases.append(rows[:, -1])
+        w = torch.cat(weights).float().view(-1, *self.kernel.shape[1:])
+        return w, torch.cat(biases).float()
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> torch.Tensor:
+        """Set ``z`` from images ``x``: per polarity, the mean over their windows of the exact q-th
+        largest score standardised by the window's mean and std over atoms; returns the per-window
+        standardised values ``(2, n_windows)`` (their spread says how good one z is)."""
+        sp = self.scores(x)
+        out = []
+        for s in (sp, -sp - self.norms.view(1, -1, 1, 1)):
+            kth = s.kthvalue(self.k - self.q + 1, dim=1, keepdim=True).values
+            mu, sd = s.mean(1, keepdim=True), s.std(1, keepdim=True, unbiased=False)
+            out.append(((kth - mu) / sd.clamp_min(1e-12)).flatten())
+        zs = torch.stack(out)
+        self.z.copy_(zs.mean(1))
+        return zs
+
+    def code_maps(self, x: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The boolean codes ``(B, k, h, w)`` of every window of ``x`` and of its negative.
+        ``select="exact"``: the q atoms of largest score (a selection per window, ~10x the convolution's
+        time on 2 cores); ``"threshold"``: the atoms whose score is at least ``mean + z * std`` of the
+        window's k scores (computed by the small convolution of :meth:`moment_filters`, passed as
+        ``moments`` to reuse it), about q of them."""
+        sp = self.scores(x)
+        norms = self.norms.view(1, -1, 1, 1)
+        if self.select == "exact":
+            kth = sp.kthvalue(self.k - self.q + 1, dim=1, keepdim=True).values
+            sn = -sp - norms
+            return sp >= kth, sn >= sn.kthvalue(self.k - self.q + 1, dim=1, keepdim=True).values
+        w, b = moments if moments is not None else self.moment_filters()
+        with torch.autocast(x.device.type, enabled=False):
+            m = F.conv2d(x.float(), w, b)  # (B, 2 (d + 2), h, w)
+        d2 = w.shape[0] // 2
+        thr = [m[:, i * d2:i * d2 + 1] + self.z[i] * m[:, i * d2 + 1:(i + 1) * d2].square().sum(1, keepdim=True).sqrt()
+               for i in (0, 1)]
+        # the negative's code -s - n >= t  <=>  s + n <= -t
+        return sp >= thr[0], torch.add(sp, norms) <= -thr[1]
+
+    def codes(self, x: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``(B, 2k, H - patch + 1, W - patch + 1)``: the codes of every window of ``x`` (first k
+        channels) and of its negative (last k), in float32 (:meth:`code_maps`)."""
+        return torch.cat(self.code_maps(x, moments), dim=1).float()
+
+    def _pool(self, code: torch.Tensor) -> torch.Tensor:
+        """``adaptive_avg_pool2d(code.float(), grid)`` flattened, for boolean ``code``: sums over the
+        same bins (4x faster than converting the map to float on CPU)."""
+        h, w = code.shape[-2:]
+        g = self.grid
+        rows = [(i * h // g, -(-(i + 1) * h // g)) for i in range(g)]
+        cols = [(j * w // g, -(-(j + 1) * w // g)) for j in range(g)]
+        cells = [code[:, :, r0:r1, c0:c1].sum((2, 3), dtype=torch.int32).float() / ((r1 - r0) * (c1 - c0))
+                 for r0, r1 in rows for c0, c1 in cols]
+        return torch.stack(cells, 2).flatten(1)  # (B, k * g * g), channel-major as adaptive_avg_pool2d
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [self.codes(x)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = [F.adaptive_avg_pool2d(self.codes(part), self.grid).flatten(1) for part in x.split(self.CHUNK)]
+        moments = self.moment_filters() if self.select == "threshold" else None
+        pooled = []
+        for part in x.split(self.CHUNK):
+            pos, neg = self.code_maps(part, moments)
+            pooled.append(torch.cat([self._pool(pos), self._pool(neg)], 1))
         return torch.cat(pooled) if pooled else x.new_zeros(0, self.out_dim)
 
 

@@ -29,6 +29,17 @@ Departures from the reference code, and why:
   0.0167 is the reference's value).
 * Whitening statistics from ``fit_patches`` random patches (default 200,000) instead of all 36.5
   million of CIFAR-10's training set: a 108 x 108 covariance is estimated well from far fewer.
+* Selection (``select="threshold"``, the default): instead of the Q largest of the K scores at
+  each window (a per-window selection, 22 images/s on 2 cores at K = 1024: 45 minutes to encode
+  CIFAR-10's 60,000 images for the evaluation), the atoms whose score is at least the window's mean
+  plus ``z`` standard deviations of its K scores. A score is linear in the window, so both moments
+  come from one convolution with 2 x 110 filters (:meth:`PatchEncoder.moment_filters`); ``z`` is fitted
+  as the mean standardised Q-th largest score over the windows of ``calibrate_images`` training
+  images (0.481 at K = 1024, Q = 410; its spread over windows is 0.014, so one z fits all windows;
+  the Gaussian quantile would be 0.253). Measured on 256 CIFAR-10 training images (fit seed 0): 148
+  against 22 images/s, 99.3% of the codes equal to the exact ones, 40.08% of the atoms coded (exact
+  40.04%), pooled features correlated 0.9997 (0.5% of them differ by more than 0.05, in flat
+  regions where ties move whole blocks of windows). ``select="exact"`` keeps the reference's code.
 * Q = ``q_frac`` K with ``q_frac = 0.4``, the value of every command of the reference repository
   (its ablation: Q = 800 of 2048 best).
 
@@ -101,6 +112,8 @@ class Patches(Method):
         whiten_eps: float = 0.0167  # regulariser, relative to the mean eigenvalue (see the module docstring)
         fit_patches: int = 200_000  # patches sampled for the whitening statistics and the dictionary
         grid: int = 2  # the codes are average-pooled to grid x grid (Coates' quadrants)
+        select: str = "threshold"  # "exact": the q nearest atoms; "threshold": mean + z std (see the docstring)
+        calibrate_images: int = 256  # training images whose windows calibrate z (select="threshold")
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -114,7 +127,10 @@ class Patches(Method):
                               "params.grid >= 1")
         if hp.patch_size > cfg.data.image_size:
             raise ConfigError(f"params.patch_size={hp.patch_size} is larger than the {cfg.data.image_size} px images")
-        self.options = {"k": hp.num_atoms, "patch": hp.patch_size, "q": q, "grid": hp.grid}
+        if hp.select not in ("exact", "threshold") or hp.calibrate_images < 1:
+            raise ConfigError(f"params.select must be 'exact' or 'threshold' (got {hp.select!r}) and "
+                              f"params.calibrate_images >= 1")
+        self.options = {"k": hp.num_atoms, "patch": hp.patch_size, "q": q, "grid": hp.grid, "select": hp.select}
         self.backbone = PatchEncoder(cfg.data.image_size, 3, **self.options)  # the run's model.backbone is unused
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("atoms", torch.zeros(hp.num_atoms, 3, hp.patch_size, hp.patch_size))  # for figures
@@ -156,8 +172,15 @@ class Patches(Method):
         self.to(device)
         probe = (x[:10_000].double() - mu) @ w  # whitened patches; atoms whitened: atoms @ w
         d2 = torch.cdist(probe, atoms @ w).pow(2).min(1).values / x.shape[1]
+        # z of the threshold selection: from the exact q-th largest scores of the windows of a sample of
+        # training images (the same for select="exact", where it is only recorded)
+        which = np.sort(rng.choice(len(images), min(len(images), hp.calibrate_images), replace=False))
+        sample = torch.from_numpy(np.asarray(images[which])).permute(0, 3, 1, 2).float().div_(255)
+        zs = torch.cat([enc.calibrate(((part - mean) / std).to(device)) for part in sample.split(enc.CHUNK)], 1)
+        enc.z.copy_(zs.mean(1))
         return {"loss": float(d2.mean()), "whiten_eps": hp.whiten_eps * float(evals.mean()),
-                "eig_min": float(evals.min()), "eig_max": float(evals.max()), "fit_s": time.perf_counter() - t0}
+                "eig_min": float(evals.min()), "eig_max": float(evals.max()), "z": float(enc.z.mean()),
+                "z_spread": float(zs.std(1).mean()), "fit_s": time.perf_counter() - t0}
 
     @torch.no_grad()
     def figures(self, data, out_dir, device):
