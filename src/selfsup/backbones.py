@@ -315,18 +315,25 @@ class PatchEncoder(Backbone):
         w = torch.cat(weights).float().view(-1, *self.kernel.shape[1:])
         return w, torch.cat(biases).float()
 
+    def _kth(self, s: torch.Tensor) -> torch.Tensor:
+        """The q-th largest of the k scores of every window, ``(B, 1, h, w)``."""
+        return s.kthvalue(self.k - self.q + 1, dim=1, keepdim=True).values
+
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> torch.Tensor:
-        """Set ``z`` from images ``x``: per polarity, the mean over their windows of the exact q-th
-        largest score standardised by the window's mean and std over atoms; returns the per-window
-        standardised values ``(2, n_windows)`` (their spread says how good one z is)."""
-        sp = self.scores(x)
-        out = []
-        for s in (sp, -sp - self.norms.view(1, -1, 1, 1)):
-            kth = s.kthvalue(self.k - self.q + 1, dim=1, keepdim=True).values
-            mu, sd = s.mean(1, keepdim=True), s.std(1, keepdim=True, unbiased=False)
-            out.append(((kth - mu) / sd.clamp_min(1e-12)).flatten())
-        zs = torch.stack(out)
+        """Set ``z`` from images ``x`` (encoded ``CHUNK`` at a time): per polarity, the mean over their
+        windows of the exact q-th largest score standardised by the window's mean and std over atoms;
+        returns the per-window standardised values ``(2, n_windows)`` (their spread says how good one
+        z is)."""
+        parts = []
+        for chunk in x.split(self.CHUNK):
+            sp = self.scores(chunk)
+            out = []
+            for s in (sp, -sp - self.norms.view(1, -1, 1, 1)):
+                mu, sd = s.mean(1, keepdim=True), s.std(1, keepdim=True, unbiased=False)
+                out.append(((self._kth(s) - mu) / sd.clamp_min(1e-12)).flatten())
+            parts.append(torch.stack(out))
+        zs = torch.cat(parts, 1)
         self.z.copy_(zs.mean(1))
         return zs
 
@@ -340,9 +347,8 @@ class PatchEncoder(Backbone):
         sp = self.scores(x)
         norms = self.norms.view(1, -1, 1, 1)
         if self.select == "exact":
-            kth = sp.kthvalue(self.k - self.q + 1, dim=1, keepdim=True).values
             sn = -sp - norms
-            return sp >= kth, sn >= sn.kthvalue(self.k - self.q + 1, dim=1, keepdim=True).values
+            return sp >= self._kth(sp), sn >= self._kth(sn)
         w, b = moments if moments is not None else self.moment_filters()
         with torch.autocast(x.device.type, enabled=False):
             m = F.conv2d(x.float(), w, b)  # (B, 2 (d + 2), h, w)

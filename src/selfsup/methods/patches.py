@@ -176,8 +176,7 @@ class Patches(Method):
         # training images (the same for select="exact", where it is only recorded)
         which = np.sort(rng.choice(len(images), min(len(images), hp.calibrate_images), replace=False))
         sample = torch.from_numpy(np.asarray(images[which])).permute(0, 3, 1, 2).float().div_(255)
-        zs = torch.cat([enc.calibrate(((part - mean) / std).to(device)) for part in sample.split(enc.CHUNK)], 1)
-        enc.z.copy_(zs.mean(1))
+        zs = enc.calibrate(((sample - mean) / std).to(device))
         return {"loss": float(d2.mean()), "whiten_eps": hp.whiten_eps * float(evals.mean()),
                 "eig_min": float(evals.min()), "eig_max": float(evals.max()), "z": float(enc.z.mean()),
                 "z_spread": float(zs.std(1).mean()), "fit_s": time.perf_counter() - t0}
