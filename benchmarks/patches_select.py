@@ -5,7 +5,7 @@ quoted in src/selfsup/methods/patches.py and the README come from:
 
     python benchmarks/patches_select.py   # reads ../shared/data/cifar10/train through the decode cache
 """
-import time, numpy as np, torch, torch.nn.functional as F
+import time, numpy as np, torch
 from selfsup.configure import build_config
 from selfsup.methods.patches import Patches
 from selfsup.data.cache import load_images

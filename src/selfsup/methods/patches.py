@@ -36,7 +36,7 @@ Departures from the reference code, and why:
   come from one convolution with 2 x 110 filters (:meth:`PatchEncoder.moment_filters`); ``z`` is fitted
   as the mean standardised Q-th largest score over the windows of ``calibrate_images`` training
   images (0.481 at K = 1024, Q = 410; its spread over windows is 0.014, so one z fits all windows;
-  the Gaussian quantile would be 0.253). Measured on 256 CIFAR-10 training images (fit seed 0): 148
+  the Gaussian quantile would be 0.253). Measured on 256 CIFAR-10 training images (fit seed 0; ``benchmarks/patches_select.py``): 148
   against 22 images/s, 99.3% of the codes equal to the exact ones, 40.08% of the atoms coded (exact
   40.04%), pooled features correlated 0.9997 (0.5% of them differ by more than 0.05, in flat
   regions where ties move whole blocks of windows). ``select="exact"`` keeps the reference's code.
