@@ -12,7 +12,8 @@ from selfsup.data.cache import load_images
 if __name__ == "__main__":
     torch.set_num_threads(2)
     arr = np.asarray(load_images("../shared/data/cifar10", "train", 32).images)
-    cfg = build_config("patches", {"data": {"image_size": 32}, "train": {"device": "cpu"}})
+    cfg = build_config("patches", {"data": {"image_size": 32}, "train": {"device": "cpu"},
+                                   "params": {"whiten_dim": 0}})  # the pooled codes themselves
     m = Patches(cfg); print(m.fit(arr, torch.device("cpu"), 0))
     enc = m.backbone
     mean = torch.tensor(cfg.aug.mean).view(1, 3, 1, 1); std = torch.tensor(cfg.aug.std).view(1, 3, 1, 1)

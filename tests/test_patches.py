@@ -27,6 +27,30 @@ def test_whitening_makes_the_covariance_the_identity_and_eps_shrinks_it_by_hand(
     assert torch.allclose(torch.linalg.eigvalsh(cov), expect.sort().values, atol=1e-6)
 
 
+def test_output_pca_whitening_by_hand():
+    from selfsup.backbones import pca_whitening
+
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.1])
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+    x = (torch.randn(40000, 6, generator=g) * scales) @ q.T + 2.0  # principal axes q, std = scales
+    mu, proj, evals = pca_whitening(x, 3, 0.0)
+    assert proj.shape == (6, 3) and torch.allclose(mu, x.mean(0), atol=1e-5)
+    assert torch.allclose(evals, scales[:3] ** 2, rtol=0.03)  # the three largest variances, in order
+    white = (x - mu) @ proj
+    assert torch.allclose(white.T @ white / (len(x) - 1), torch.eye(3), atol=1e-3)
+    for j in range(3):  # each output is one principal axis (up to its sign) over its std
+        assert torch.allclose((proj[:, j] * scales[j]).abs(), q[:, j].abs(), atol=0.02)
+    # the regulariser: variances L / (L + eps * mean(L)) of the kept L
+    mu, proj, evals = pca_whitening(x, 3, 0.5)
+    white = (x - mu) @ proj
+    expect = evals / (evals + 0.5 * evals.mean())
+    assert torch.allclose(white.var(0), expect, atol=1e-3)
+    # fewer samples than dimensions: the axes without variance get no weight (no noise blown up)
+    mu, proj, evals = pca_whitening(x[:3], 6, 0.1)
+    assert (proj[:, 2:].abs().sum(0) == 0).all() and (proj[:, :2].abs().sum(0) > 0).all()
+
+
 def test_sampled_patches_are_windows_of_the_images():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
@@ -64,9 +88,21 @@ def test_codes_are_the_q_nearest_atoms_of_every_window_and_of_its_negative():
                     expect = torch.zeros(6)
                     expect[d.argsort()[:3]] = 1  # q = 0.5 * 6 = 3 nearest atoms
                     assert torch.equal(codes[b, half, i, j], expect), (b, i, j, sign)
-    f = m.backbone(x)
-    assert f.shape == (2, m.backbone.out_dim) == (2, 2 * 6 * 4)
+    f = m.backbone.pooled_codes(x)
+    assert f.shape == (2, 2 * 6 * 4)
     assert torch.allclose(f.view(2, 12, 2, 2), torch.nn.functional.adaptive_avg_pool2d(codes, 2))
+    # the output: the pooled codes PCA-whitened with the statistics of the fitting images' codes
+    enc = m.backbone
+    assert enc.out_dim == enc.whiten == 48  # whiten_dim 1,024 capped at the 48 pooled features
+    assert torch.allclose(enc(x), (f - enc.feat_mean) @ enc.feat_proj, atol=1e-5)
+    fit_x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(m.cfg.aug.mean).view(1, 3, 1, 1)) \
+        / torch.tensor(m.cfg.aug.std).view(1, 3, 1, 1)
+    pooled = enc.pooled_codes(fit_x)
+    assert torch.allclose(enc.feat_mean, pooled.mean(0), atol=1e-5)  # whiten_images >= the 20 images: all
+    white = enc(fit_x)
+    cov = white.T @ white / (len(white) - 1)
+    assert torch.allclose(cov, torch.diag(torch.diagonal(cov)), atol=1e-3)  # decorrelated
+    assert (torch.diagonal(cov) <= 1 + 1e-4).all() and torch.diagonal(cov)[0] > 0.9  # L / (L + eps mean(L))
     with pytest.raises(ConfigError, match="q_frac"):
         _method(q_frac=1.0)
     with pytest.raises(ConfigError, match="select"):
@@ -100,7 +136,7 @@ def test_threshold_codes_use_each_windows_score_moments_and_agree_with_the_exact
     enc.select = "threshold"
     for grid in (1, 2, 3):  # the pooled features are adaptive average pooling of the codes (6 x 6 windows here)
         enc.grid = grid
-        f = enc(x)
+        f = enc.pooled_codes(x)
         assert torch.allclose(f, torch.nn.functional.adaptive_avg_pool2d(approx, grid).flatten(1), atol=1e-6)
 
 
@@ -121,6 +157,7 @@ def test_a_patches_run_fits_once_evaluates_and_exports(tiny_dataset, tmp_path, c
 
     r = evaluate(run, "knn", tiny_dataset, tiny_dataset, k=5, progress=False)
     assert r["backbone"]["name"] == "patches" and r["backbone"]["options"]["k"] == 64
+    assert r["backbone"]["options"]["whiten"] == 512  # the default 1,024 capped at 2 K grid^2 = 512
     assert r["top1"] > 0.6  # 4 classes (chance 0.25): the blobs' colours and shapes are in the codes
     enc = load_encoder(run)
     path = export(run)
