@@ -186,12 +186,16 @@ def test_a_run_that_slows_down_after_its_plan_replans_and_still_ends_on_time(tin
 
 
 def test_a_recipe_runs_over_its_methods_preset_and_keeps_checkpoints_by_time(tiny_dataset, tmp_path, capsys):
-    """``--recipe fast``: the recipe's method and settings over the method's preset, the command line's
-    on top; ``train.keep_seconds`` keeps the step reached at a time mark (a curve of one run)."""
+    """``--recipe fast_vicreg``: the recipe's method and settings over the method's preset, the command
+    line's on top; ``train.keep_seconds`` keeps the step reached at a time mark (a curve of one run).
+    ``--recipe fast`` is the patches layer with its output whitening."""
+    from selfsup.config import recipe
     from selfsup.evaluate import load_encoder
 
+    method, settings = recipe("fast")
+    assert method == "patches" and settings["params"]["whiten_dim"] > 0
     run = tmp_path / "run"
-    assert main(["pretrain", "--recipe", "fast", "--data", str(tiny_dataset / "train"), "--image-size", "16",
+    assert main(["pretrain", "--recipe", "fast_vicreg", "--data", str(tiny_dataset / "train"), "--image-size", "16",
                  "--epochs", "1", "--batch-size", "16", "--out", str(run), "--no-progress",
                  "params.proj_hidden_dim=32", "params.proj_dim=16", "train.keep_seconds=[0.001]"]) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -201,6 +205,6 @@ def test_a_recipe_runs_over_its_methods_preset_and_keeps_checkpoints_by_time(tin
     assert saved["train"]["batch_size"] == 16 and saved["params"]["proj_dim"] == 16  # the command line on top
     kept = run / "checkpoints" / "at_0.001s.pt"
     assert kept.exists() and load_encoder(kept).spec["name"] == "convnet"
-    assert main(["pretrain", "--recipe", "fast", "--method", "simclr", "--data", str(tiny_dataset / "train"),
+    assert main(["pretrain", "--recipe", "fast_vicreg", "--method", "simclr", "--data", str(tiny_dataset / "train"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "drop --method" in capsys.readouterr().err

@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
                         "params.temperature=0.5 (see RUN_DIR/config.yaml for every key).")
     pt.add_argument("--method", choices=list(METHODS), help="the method (required unless --resume or --recipe)")
     pt.add_argument("--recipe", choices=recipes(), help="a method with settings chosen for a goal, over its preset "
-                    "(src/selfsup/presets/recipes/NAME.yaml; fast: the best features in a short --time)")
+                    "(src/selfsup/presets/recipes/NAME.yaml; fast: the best features in minutes, whitened patches "
+                    "without training; fast_vicreg: the best trained network in a short --time)")
     src = pt.add_mutually_exclusive_group()
     src.add_argument("--data", metavar="PATH", help="image folder (recursive; sub-folders are classes), or a "
                      "cifar-10-batches-py / cifar-100-python / stl10_binary / MNIST IDX folder, or 'digits'")
