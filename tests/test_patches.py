@@ -51,6 +51,28 @@ def test_output_pca_whitening_by_hand():
     assert (proj[:, 2:].abs().sum(0) == 0).all() and (proj[:, :2].abs().sum(0) > 0).all()
 
 
+def test_randomized_pca_whitening_agrees_with_the_exact_one():
+    """Above ``exact_max_dim`` features the axes come from a randomized SVD: on data whose spectrum
+    decays, its leading eigenvalues and axes are the exact ones."""
+    from selfsup.backbones import pca_whitening
+
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g))
+    scales = 0.8 ** torch.arange(60.0)
+    x = (torch.randn(3000, 60, generator=g) * scales) @ q.T + 1.0
+    torch.manual_seed(0)
+    mu_e, p_e, ev_e = pca_whitening(x, 8, 0.03)  # exact
+    mu_r, p_r, ev_r = pca_whitening(x, 8, 0.03, exact_max_dim=10)  # randomized
+    assert torch.allclose(mu_e, mu_r, atol=1e-6)
+    assert torch.allclose(ev_r, ev_e, rtol=1e-3)
+    cos = (p_e / p_e.norm(dim=0)).T @ (p_r / p_r.norm(dim=0))
+    assert torch.allclose(torch.diagonal(cos).abs(), torch.ones(8), atol=1e-3)  # the same axes, up to sign
+    white = (x - mu_r) @ p_r
+    assert torch.allclose(white.var(0), ev_r / (ev_r + 0.03 * ev_r.mean()), rtol=1e-3)
+    mu, p, ev = pca_whitening(x[:5], 8, 0.1, exact_max_dim=10)  # fewer rows than dim: zero columns
+    assert p.shape == (60, 8) and (p[:, 4:].abs().sum(0) == 0).all()
+
+
 def test_sampled_patches_are_windows_of_the_images():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
