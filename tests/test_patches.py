@@ -131,6 +131,41 @@ def test_codes_are_the_q_nearest_atoms_of_every_window_and_of_its_negative():
         _method(select="nearest")
 
 
+def test_power_normalisation_takes_the_root_of_the_pooled_codes_before_the_output_whitening():
+    images = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    m = _method(select="exact", power=0.5, whiten_dim=0)
+    m.fit(images, torch.device("cpu"), seed=0)
+    enc = m.backbone
+    assert m.options["power"] == 0.5 and enc.out_dim == 48
+    codes = enc.pooled_codes(x)
+    assert torch.allclose(enc(x), codes.sqrt())  # a window coded at 1/4 of the windows weighs 1/2
+    # with the output whitening: fitted on the square roots, so those come out decorrelated
+    m = _method(select="exact", power=0.5)
+    m.fit(images, torch.device("cpu"), seed=0)
+    enc = m.backbone
+    fit_x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(m.cfg.aug.mean).view(1, 3, 1, 1)) \
+        / torch.tensor(m.cfg.aug.std).view(1, 3, 1, 1)
+    assert torch.allclose(enc.feat_mean, enc.pooled_codes(fit_x).sqrt().mean(0), atol=1e-5)
+    assert torch.allclose(enc(x), (enc.pooled_codes(x).sqrt() - enc.feat_mean) @ enc.feat_proj, atol=1e-5)
+    assert "power" not in _method().options  # 1: the codes as they are, and the spec of earlier runs
+    # flip: the codes averaged with the mirrored image's, so the features do not see the mirror
+    m = _method(select="exact", power=0.5, flip=True)
+    m.fit(images, torch.device("cpu"), seed=0)
+    enc = m.backbone
+    assert m.options["flip"] is True
+    assert torch.equal(enc(x), enc(x.flip(-1)))
+    enc.flip = False
+    one, mirrored = enc.pooled_codes(x), enc.pooled_codes(x.flip(-1))
+    assert not torch.allclose(one, mirrored)  # the codes themselves do see it
+    enc.flip = True
+    assert torch.allclose(enc.pooled_features(x), ((one + mirrored) / 2).sqrt())
+    with pytest.raises(ConfigError, match="power"):
+        _method(power=0.0)
+    with pytest.raises(ConfigError, match="power"):
+        _method(power=2.0)
+
+
 def test_threshold_codes_use_each_windows_score_moments_and_agree_with_the_exact_selection():
     m = _method(num_atoms=200, q_frac=0.4, fit_patches=2000, calibrate_images=20)
     rng = np.random.default_rng(0)
@@ -171,7 +206,7 @@ def test_a_patches_run_fits_once_evaluates_and_exports(tiny_dataset, tmp_path, c
     run = tmp_path / "run"
     assert main(["pretrain", "--method", "patches", "--data", str(tiny_dataset / "train"), "--image-size", "16",
                  "--out", str(run), "--no-progress", "--time", "1m", "params.num_atoms=64",
-                 "params.fit_patches=3000"]) == 0
+                 "params.fit_patches=3000", "params.power=0.5", "params.flip=true"]) == 0
     rows = read_metrics(run)
     assert len(rows) == 1 and float(rows[0]["loss"]) > 0 and float(rows[0]["rankme"]) > 1
     assert (run / "figures" / "patches.png").stat().st_size > 2000
@@ -180,6 +215,7 @@ def test_a_patches_run_fits_once_evaluates_and_exports(tiny_dataset, tmp_path, c
     r = evaluate(run, "knn", tiny_dataset, tiny_dataset, k=5, progress=False)
     assert r["backbone"]["name"] == "patches" and r["backbone"]["options"]["k"] == 64
     assert r["backbone"]["options"]["whiten"] == 512  # the default 1,024 capped at 2 K grid^2 = 512
+    assert r["backbone"]["options"]["power"] == 0.5 and r["backbone"]["options"]["flip"] is True  # from the spec
     assert r["top1"] > 0.6  # 4 classes (chance 0.25): the blobs' colours and shapes are in the codes
     enc = load_encoder(run)
     path = export(run)

@@ -300,15 +300,24 @@ class PatchEncoder(Backbone):
     convolution, ``z`` calibrated on training windows (148 images/s, 6.8x; on CIFAR-10 99.3% of the
     codes and a correlation of 0.9997 of the pooled features with the exact ones).
 
-    ``whiten > 0``: the pooled codes are PCA-whitened to ``whiten`` dimensions (``feat_mean``,
-    ``feat_proj``, fitted from training images' codes by :meth:`fit_output_whitening`), ``out_dim =
-    whiten``. The codes are non-negative fractions sharing a large common part; whitened, every
-    direction counts in a cosine similarity, not the few of largest variance."""
+    ``flip``: the pooled codes are averaged with those of the horizontally mirrored image (a fixed
+    average over the two views, no labels; the features become invariant to the mirror, at twice the
+    encoding time).
+
+    ``power != 1``: the pooled codes are raised to this power (power normalisation, Perronnin,
+    Sanchez & Mensink 2010: with 0.5 the square root damps the atoms that are coded at many windows, as
+    for a histogram of visual words) before the output whitening.
+
+    ``whiten > 0``: the pooled (and powered) codes are PCA-whitened to ``whiten`` dimensions
+    (``feat_mean``, ``feat_proj``, fitted from training images' codes by :meth:`fit_output_whitening`),
+    ``out_dim = whiten``. The codes are non-negative fractions sharing a large common part; whitened,
+    every direction counts in a cosine similarity, not the few of largest variance."""
 
     CHUNK = 32  # images encoded at once (the code map is 2k x 27 x 27 floats per image)
 
     def __init__(self, image_size: int = 32, in_chans: int = 3, k: int = 1024, patch: int = 6, q: int = 410,
-                 grid: int = 2, select: str = "exact", whiten: int = 0) -> None:
+                 grid: int = 2, select: str = "exact", whiten: int = 0, power: float = 1.0,
+                 flip: bool = False) -> None:
         super().__init__()
         if not 1 <= q < k or patch > image_size or grid < 1:
             raise ValueError(f"patches: need 1 <= q < k (got q={q}, k={k}), patch <= image size, grid >= 1")
@@ -317,7 +326,10 @@ class PatchEncoder(Backbone):
         pooled = 2 * k * grid * grid
         if not 0 <= whiten <= pooled:
             raise ValueError(f"patches: whiten must be in [0, {pooled}] (the pooled features), not {whiten}")
+        if not 0 < power <= 1:
+            raise ValueError(f"patches: power must be in (0, 1], not {power}")
         self.k, self.patch, self.q, self.grid, self.select, self.whiten = k, patch, q, grid, select, whiten
+        self.power, self.flip = float(power), bool(flip)
         self.register_buffer("kernel", torch.zeros(k, in_chans, patch, patch))
         self.register_buffer("bias", torch.zeros(k))
         self.register_buffer("norms", torch.zeros(k))
@@ -429,26 +441,34 @@ class PatchEncoder(Backbone):
 
     def pooled_codes(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 2 k grid^2)``: the codes of the windows and of their negatives, average-pooled to
-        ``grid`` x ``grid`` (the features before the output whitening)."""
+        ``grid`` x ``grid`` (``flip``: averaged with those of the mirrored image)."""
         moments = self.moment_filters() if self.select == "threshold" else None
         pooled = []
         for part in x.split(self.CHUNK):
-            pos, neg = self.code_maps(part, moments)
-            pooled.append(torch.cat([self._pool(pos), self._pool(neg)], 1))
+            f = torch.cat([self._pool(c) for c in self.code_maps(part, moments)], 1)
+            if self.flip:
+                f = (f + torch.cat([self._pool(c) for c in self.code_maps(part.flip(-1), moments)], 1)) / 2
+            pooled.append(f)
         return torch.cat(pooled) if pooled else x.new_zeros(0, self.pooled_dim)
 
     @torch.no_grad()
     def fit_output_whitening(self, pooled: torch.Tensor, eps: float) -> torch.Tensor:
-        """Set the output whitening from the pooled codes ``(n, pooled_dim)`` of training images: the
-        projection on the ``whiten`` leading principal axes, each divided by ``sqrt(eigenvalue + eps *
-        mean of the kept eigenvalues)`` (PCA whitening, Jegou & Chum 2012); returns the eigenvalues."""
+        """Set the output whitening from the pooled features ``(n, pooled_dim)`` of training images
+        (:meth:`pooled_features`): the projection on the ``whiten`` leading principal axes, each divided
+        by ``sqrt(eigenvalue + eps * mean of the kept eigenvalues)`` (PCA whitening, Jegou & Chum 2012);
+        returns the eigenvalues."""
         mu, proj, evals = pca_whitening(pooled, self.whiten, eps)
         self.feat_mean.copy_(mu)
         self.feat_proj.copy_(proj)
         return evals
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`pooled_codes` raised to ``power``: the features the output whitening sees."""
         f = self.pooled_codes(x)
+        return f if self.power == 1 else f.pow_(self.power)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.pooled_features(x)
         if self.whiten:
             with torch.autocast(f.device.type, enabled=False):
                 f = (f.float() - self.feat_mean) @ self.feat_proj
