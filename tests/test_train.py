@@ -168,6 +168,47 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def _nan_gradient_at(calls_to_poison):
+    """A ``Rotation.training_step`` whose loss stays finite but whose gradient is NaN at the given
+    calls (a loss ``x + 0 * sqrt(0 * w)``: its value is ``x``, its gradient ``0 * inf``)."""
+    original = Rotation.training_step
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        out = original(self, batch)
+        calls["n"] += 1
+        if calls_to_poison == "all" or calls["n"] in calls_to_poison:
+            w = next(self.backbone.parameters())
+            out["loss"] = out["loss"] + 0 * (0 * w.sum()).sqrt()
+        return out
+
+    return poisoned
+
+
+def test_a_finite_loss_with_nan_gradients_skips_the_step_and_never_writes_nan_weights(tiny_dataset, tmp_path,
+                                                                                      monkeypatch):
+    from selfsup.train import Trainer
+
+    monkeypatch.setattr(Rotation, "training_step", _nan_gradient_at({2}))
+    t = Trainer(_cfg(tiny_dataset / "train", device="cpu", precision="fp32"), tmp_path / "run", progress=False)
+    before = {k: v.clone() for k, v in t.method.state_dict().items()}
+    t.fit()
+    assert t.skipped_steps == 1
+    weights = t.method.state_dict()
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], v) for k, v in weights.items())  # the other steps were taken
+    _assert_same_weights(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"], weights)
+
+
+def test_nan_gradients_step_after_step_stop_the_run_like_a_nan_loss(tiny_dataset, tmp_path, monkeypatch):
+    import selfsup.train
+
+    monkeypatch.setattr(Rotation, "training_step", _nan_gradient_at("all"))
+    monkeypatch.setattr(selfsup.train, "MAX_NONFINITE_GRAD_STEPS", 2)
+    with pytest.raises(NonFiniteLoss, match=r"gradients were NaN or Inf in 2 steps in a row"):
+        pretrain(_cfg(tiny_dataset / "train", device="cpu", precision="fp32"), tmp_path / "run", progress=False)
+
+
 def test_run_directory_contents_and_config_roundtrip(tiny_dataset, tmp_path):
     cfg = _cfg(tiny_dataset / "train", log_every=2)
     run = pretrain(cfg, tmp_path / "run", progress=False)

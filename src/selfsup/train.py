@@ -101,7 +101,11 @@ def format_duration(seconds: float) -> str:
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or Inf; the run stopped and kept its last good checkpoint."""
+    """The loss (or, step after step, the gradients) became NaN or Inf; the run stopped and kept its
+    last good checkpoint."""
+
+
+MAX_NONFINITE_GRAD_STEPS = 20  # consecutive steps whose gradients are not finite before the run stops
 
 
 class TrainingInterrupted(Exception):
@@ -217,6 +221,8 @@ class Trainer:
         self.device = resolve_device(device)
         self.precision, why = resolve_precision(self.device, cfg.train.precision)
         self.scaler = grad_scaler(self.device, self.precision)  # fp16 only
+        self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients (bf16 / fp32: no scaler)
+        self._skipped_in_a_row = 0
         if self.is_main:
             log.info("precision %s (%s)", self.precision, why)
         if cfg.train.batch_size % self.world_size:
@@ -419,11 +425,36 @@ class Trainer:
         if self.scaler is None:
             loss.backward()
             self._sync(opt)
-            opt.step()
+            if self._finite_gradients(opt):
+                opt.step()
             return
         self.scaler.scale(loss).backward()
         self._sync(opt)
         self.scaler.step(opt)
+
+    def _finite_gradients(self, opt: torch.optim.Optimizer) -> bool:
+        """False (the step is skipped, its gradients dropped, a warning logged) when a gradient of
+        ``opt`` holds a NaN or Inf although the loss is finite. Without a scaler (bf16, fp32) nothing
+        else would stop such a step from writing NaN into the weights: measured on a CPU with native
+        bf16 (torch 2.14), the weight gradient of a 3x3 convolution on a 1x1 map (a ResNet's last stage at
+        16 px) came back with 384 NaNs in one step of three, the loss finite. A step is one reduction
+        per tensor more. ``MAX_NONFINITE_GRAD_STEPS`` such steps in a row stop the run as a NaN loss does."""
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+            self._skipped_in_a_row = 0
+            return True
+        opt.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self._skipped_in_a_row += 1
+        log.warning("step %d: non-finite gradients with a finite loss; the step is skipped (%d so far)",
+                    self.step + 1, self.skipped_steps)
+        if self._skipped_in_a_row >= MAX_NONFINITE_GRAD_STEPS:
+            kept = (f"the last good checkpoint ({self.ckpt_path}) is kept" if self.ckpt_path.exists()
+                    else "no checkpoint had been written yet")
+            raise NonFiniteLoss(f"the gradients were NaN or Inf in {self._skipped_in_a_row} steps in a row (up to "
+                                f"step {self.step + 1}); the run stopped and {kept}. Lower optim.lr, or try "
+                                f"train.precision=fp32, and --resume.")
+        return False
 
     def _sync(self, opt: torch.optim.Optimizer) -> None:
         """Distributed: average this optimizer's gradients over processes (see distributed.py)."""
