@@ -12,8 +12,9 @@ enter the whitening; the test split is only scored.
 
 ``--power P ...``: the same whitened rows after a power normalisation of the codes, ``codes ** P``
 (Perronnin et al. 2010: the codes are non-negative pooled frequencies, and a root, P = 0.5 by
-default, damps the frequent ones). ``--flip``: the codes averaged with those of the horizontally flipped image (a fixed,
-label-free test-time average; it doubles the encoding), whitened the same way.
+default, damps the frequent ones). ``--flip``: the codes averaged with those of the horizontally
+mirrored image (the layer's own ``flip``: a fixed, label-free average; it doubles the encoding),
+whitened the same way.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from selfsup.backbones import pca_whitening
 from selfsup.data.cache import load_images
 from selfsup.evaluate import load_encoder
-from selfsup.evaluate.features import cached_features, extract_features
+from selfsup.evaluate.features import cached_features
 from selfsup.evaluate.knn import knn_top1
 from selfsup.evaluate.linear import linear_probe
 
@@ -54,21 +54,25 @@ def main() -> None:
 
     enc = load_encoder(a.run)
     pe = enc.backbone
-    if getattr(pe, "whiten", 0) or getattr(pe, "power", 1) != 1 or getattr(pe, "flip", False):
-        pe.whiten, pe.out_dim, pe.power, pe.flip = 0, pe.pooled_dim, 1.0, False  # the codes as they are
-        # a spec of its own, so the feature cache never serves the run's own (whitened) features
-        enc.spec = {**enc.spec, "options": {**enc.spec.get("options", {}), "whiten": 0, "power": 1.0, "flip": False}}
+
+    def codes_of(images, flip: bool) -> torch.Tensor:
+        """The run's pooled codes before its power and output whitening (``flip``: the layer's own
+        mirror average), through the evaluation's feature cache under a spec of their own."""
+        pe.whiten, pe.out_dim, pe.power, pe.flip = 0, pe.pooled_dim, 1.0, flip
+        enc.spec = {**enc.spec, "options": {**enc.spec.get("options", {}), "whiten": 0, "power": 1.0, "flip": flip}}
+        return cached_features(enc, images).float()
+
     size = enc.spec["image_size"]
     tr_img, te_img = load_images(a.data, "train", size), load_images(a.data, "test", size)
     ytr, yte = torch.from_numpy(tr_img.labels), torch.from_numpy(te_img.labels)
     t0 = time.perf_counter()
-    tr, te = cached_features(enc, tr_img.images).float(), cached_features(enc, te_img.images).float()
+    tr, te = codes_of(tr_img.images, False), codes_of(te_img.images, False)
     print(f"raw codes {tuple(tr.shape)} in {time.perf_counter() - t0:.0f} s", flush=True)
     classes = int(max(ytr.max(), yte.max())) + 1
 
     rows = []
 
-    def score(name: str, f, linear: bool) -> None:
+    def score(name: str, f, linear: bool, tr: torch.Tensor, te: torch.Tensor) -> None:
         t = time.perf_counter()
         row = {"features": name, "knn": knn_top1(f(tr), ytr, f(te), yte, classes)}
         if linear:
@@ -79,14 +83,12 @@ def main() -> None:
 
     if not a.no_plain:
         mu, sd = tr.mean(0), tr.std(0)
-        score("raw", lambda x: x, "raw" in a.linear)
-        score("centred", lambda x: x - mu, False)
-        score("standardised", lambda x: (x - mu) / (sd + 1e-3), False)
+        score("raw", lambda x: x, "raw" in a.linear, tr, te)
+        score("centred", lambda x: x - mu, False, tr, te)
+        score("standardised", lambda x: (x - mu) / (sd + 1e-3), False, tr, te)
     idx = torch.randperm(len(tr), generator=torch.Generator().manual_seed(0))[:a.images]
 
-    def whitened(prefix: str, tr_x: torch.Tensor, te_x: torch.Tensor) -> None:
-        nonlocal tr, te
-        tr, te = tr_x, te_x  # score() reads these
+    def whitened(prefix: str, tr: torch.Tensor, te: torch.Tensor) -> None:
         t = time.perf_counter()
         m, p0, evals = pca_whitening(tr[idx], max(a.dims), 0.0)  # one eigendecomposition for every row
         print(f"{prefix}covariance and eigendecomposition: {time.perf_counter() - t:.0f} s", flush=True)
@@ -96,29 +98,24 @@ def main() -> None:
                 ev = evals[:dim]
                 p = axes[:, :dim] / (ev + eps * ev.mean()).sqrt()
                 score(f"{prefix}pca-whitened {dim}, eps {eps:g}", lambda x, p=p, m=m: (x - m) @ p,
-                      f"{prefix}{dim}:{eps:g}" in a.linear)
+                      f"{prefix}{dim}:{eps:g}" in a.linear, tr, te)
 
-    raw_tr, raw_te = tr, te
-    whitened("", raw_tr, raw_te)
     powers = [] if a.power is None else (a.power or [0.5])
 
     def label(pw: float) -> str:
         return "sqrt, " if pw == 0.5 else f"power {pw:g}, "
 
+    whitened("", tr, te)
     for pw in powers:
-        whitened(label(pw), raw_tr.pow(pw), raw_te.pow(pw))
-        tr, te = raw_tr, raw_te  # drop the powered copy before the next
+        whitened(label(pw), tr.pow(pw), te.pow(pw))
     if a.flip:
+        del tr, te  # the codes are large (18,432 features at grid 3)
         t0 = time.perf_counter()
-        ftr = extract_features(enc, np.ascontiguousarray(tr_img.images[:, :, ::-1])).float()
-        fte = extract_features(enc, np.ascontiguousarray(te_img.images[:, :, ::-1])).float()
-        print(f"flipped images' codes in {time.perf_counter() - t0:.0f} s", flush=True)
-        avg_tr, avg_te = ftr.add_(raw_tr).div_(2), fte.add_(raw_te).div_(2)  # in place: the codes are large
-        del raw_tr, raw_te
-        whitened("flip-averaged, ", avg_tr, avg_te)
+        tr, te = codes_of(tr_img.images, True), codes_of(te_img.images, True)
+        print(f"mirror-averaged codes in {time.perf_counter() - t0:.0f} s", flush=True)
+        whitened("flip-averaged, ", tr, te)
         for pw in powers:
-            whitened("flip-averaged " + label(pw), avg_tr.pow(pw), avg_te.pow(pw))
-            tr, te = avg_tr, avg_te
+            whitened("flip-averaged " + label(pw), tr.pow(pw), te.pow(pw))
 
     lines = [f"patches features of {a.run} on {a.data} (kNN k=200; whitening fitted on {a.images} training images)",
              "", "| features | kNN top-1 | linear top-1 |", "|---|---|---|"]

@@ -444,11 +444,11 @@ class PatchEncoder(Backbone):
         ``grid`` x ``grid`` (``flip``: averaged with those of the mirrored image)."""
         moments = self.moment_filters() if self.select == "threshold" else None
         pooled = []
+        def pool(part: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self._pool(c) for c in self.code_maps(part, moments)], 1)
+
         for part in x.split(self.CHUNK):
-            f = torch.cat([self._pool(c) for c in self.code_maps(part, moments)], 1)
-            if self.flip:
-                f = (f + torch.cat([self._pool(c) for c in self.code_maps(part.flip(-1), moments)], 1)) / 2
-            pooled.append(f)
+            pooled.append((pool(part) + pool(part.flip(-1))) / 2 if self.flip else pool(part))
         return torch.cat(pooled) if pooled else x.new_zeros(0, self.pooled_dim)
 
     @torch.no_grad()

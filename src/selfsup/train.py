@@ -449,11 +449,8 @@ class Trainer:
         log.warning("step %d: non-finite gradients with a finite loss; the step is skipped (%d so far)",
                     self.step + 1, self.skipped_steps)
         if self._skipped_in_a_row >= MAX_NONFINITE_GRAD_STEPS:
-            kept = (f"the last good checkpoint ({self.ckpt_path}) is kept" if self.ckpt_path.exists()
-                    else "no checkpoint had been written yet")
-            raise NonFiniteLoss(f"the gradients were NaN or Inf in {self._skipped_in_a_row} steps in a row (up to "
-                                f"step {self.step + 1}); the run stopped and {kept}. Lower optim.lr, or try "
-                                f"train.precision=fp32, and --resume.")
+            self._stop_non_finite(f"the gradients were NaN or Inf in {self._skipped_in_a_row} steps in a row "
+                                  f"(up to step {self.step + 1})")
         return False
 
     def _sync(self, opt: torch.optim.Optimizer) -> None:
@@ -756,11 +753,13 @@ class Trainer:
             self.method.train(was_training)
 
     def _non_finite(self, loss: float, epoch: int) -> None:
+        self._stop_non_finite(f"loss became {loss} at step {self.step + 1} (epoch {epoch + 1})")
+
+    def _stop_non_finite(self, what: str) -> None:
         kept = (f"the last good checkpoint ({self.ckpt_path}) is kept" if self.ckpt_path.exists()
                 else "no checkpoint had been written yet")
-        raise NonFiniteLoss(f"loss became {loss} at step {self.step + 1} (epoch {epoch + 1}); the run "
-                            f"stopped and {kept}. Lower optim.lr, or try train.precision=fp32, and "
-                            f"--resume.")
+        raise NonFiniteLoss(f"{what}; the run stopped and {kept}. Lower optim.lr, or try train.precision=fp32, "
+                            f"and --resume.")
 
 
 def build_phase_optimizers(method: Method, cfg: Config) -> dict[str, torch.optim.Optimizer]:
