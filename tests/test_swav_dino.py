@@ -191,6 +191,24 @@ def test_swav_training_step_predicts_sinkhorn_codes_of_the_global_crops():
     assert 0.0 <= float(out["pretext_acc"]) <= 1.0
 
 
+def test_swav_hard_codes_predict_the_argmax_of_each_sinkhorn_code():
+    m = _method("swav", freeze_prototypes_frac=0.0, hard_codes=True).eval()
+    glob, loc = m.prepare(_images(6), torch.Generator().manual_seed(1))
+    out = m.training_step((glob, loc))
+    with torch.no_grad():
+        z = F.normalize(m.projector(torch.cat([m.backbone(glob), m.backbone(loc)])), dim=1)
+        s = (z @ m.prototypes.weight.t()).view(4, 6, -1)
+        soft = torch.stack([sinkhorn(s[0], 0.05, 3), sinkhorn(s[1], 0.05, 3)])
+        hard = F.one_hot(soft.argmax(-1), s.shape[-1]).float()
+    # the cross-entropy with one-hot targets: minus the mean log-probability of the chosen prototype
+    log_p = F.log_softmax(s / 0.1, dim=-1)
+    by_hand = -sum(log_p[v].gather(1, soft[a].argmax(-1, keepdim=True)).mean() for a in range(2)
+                   for v in range(4) if v != a) / 6
+    assert out["loss"].item() == pytest.approx(float(by_hand), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(swav_loss(s, hard, 0.1).item(), rel=1e-5)
+    assert out["loss"].item() != pytest.approx(swav_loss(s, soft, 0.1).item(), rel=1e-3)
+
+
 def test_swav_prototypes_stay_unit_vectors_and_are_frozen_for_the_first_steps():
     m = _method("swav", freeze_prototypes_frac=0.2)
     m._total = 10  # as on_epoch_start sets it from the run state: 0.2 of 10 steps

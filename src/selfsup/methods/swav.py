@@ -89,6 +89,9 @@ class SwAV(MultiCropViews, Method):
         # full (solo-learn CIFAR: epoch 50 of 1000; paper: 15 of 800 epochs)
         freeze_prototypes_frac: float = 0.002  # fraction of the run with the prototypes fixed (solo-learn
         # CIFAR: 2 of 1000 epochs; paper: 5005 of about 250k iterations, 0.02)
+        hard_codes: bool = False  # predict the one-hot argmax of each Sinkhorn code instead of the soft code
+        # (one of the SwAV repository README's workarounds for a loss stuck at log K; in a 5-minute CIFAR-10
+        # run it collapsed the features to an effective rank of 7: benchmarks/results/swav_5m_fp32.md)
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -155,6 +158,8 @@ class SwAV(MultiCropViews, Method):
                         s = torch.cat([q_rows @ c.detach().t(), s])
                     codes.append(sinkhorn(s, self.hp.epsilon, self.hp.sinkhorn_iterations)[-n:])
             codes = torch.stack(codes)
+            if self.hp.hard_codes:  # each global crop's most likely prototype, as a one-hot target
+                codes = F.one_hot(codes.argmax(-1), codes.shape[-1]).to(codes.dtype)
             loss = swav_loss(scores, codes, self.hp.temperature)
         self._new_z = z[:2 * n].detach().view(2, n, -1)
         with torch.no_grad():  # does every other crop's prediction pick the code's prototype?
