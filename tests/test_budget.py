@@ -199,12 +199,12 @@ def test_a_recipe_runs_over_its_methods_preset_and_keeps_checkpoints_by_time(tin
                  "--epochs", "1", "--batch-size", "16", "--out", str(run), "--no-progress",
                  "params.proj_hidden_dim=32", "params.proj_dim=16", "train.keep_seconds=[0.001]"]) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["method"] == "vicreg" and saved["model"]["backbone"] == "convnet"  # the recipe
+    assert saved["method"] == "vicreg" and saved["model"]["backbone"] == "airbench"  # the recipe
     assert saved["data"]["view_frac"] == 0.75 and saved["aug"]["size"] == 12  # its views: 3/4 of 16 px
     assert saved["optim"]["lars_clip"] is False  # the vicreg preset under it
     assert saved["train"]["batch_size"] == 16 and saved["params"]["proj_dim"] == 16  # the command line on top
     kept = run / "checkpoints" / "at_0.001s.pt"
-    assert kept.exists() and load_encoder(kept).spec["name"] == "convnet"
+    assert kept.exists() and load_encoder(kept).spec["name"] == "airbench"
     assert main(["pretrain", "--recipe", "fast_vicreg", "--method", "simclr", "--data", str(tiny_dataset / "train"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "drop --method" in capsys.readouterr().err
