@@ -18,7 +18,8 @@ from conftest import assert_resume_is_exact
 from selfsup.configure import build_config
 from selfsup.data.views import eval_view
 from selfsup.ema import cosine_momentum, ema_update, frozen_copy
-from selfsup.losses import barlow_twins_loss, byol_loss, cross_correlation, infonce, simsiam_loss, vicreg_loss
+from selfsup.losses import (barlow_twins_loss, byol_loss, cross_correlation, infonce, simsiam_loss, vicreg_loss,
+                            vicreg_multicrop_loss)
 from selfsup.methods import METHODS
 from selfsup.monitor import RANK_COLLAPSE, STD_COLLAPSE
 from selfsup.train import Trainer
@@ -173,6 +174,43 @@ def test_vicreg_variance_term_is_zero_when_every_std_is_at_least_one():
     assert parts["variance"].item() == 0.0 and parts["invariance"].item() == 0.0
     _, collapsed = vicreg_loss(torch.ones(4, 3), torch.ones(4, 3))  # std 0: hinge at its maximum
     assert collapsed["variance"].item() == pytest.approx(2 * (1 - math.sqrt(1e-4)), rel=1e-5)
+
+
+def test_vicreg_multicrop_loss_is_vicreg_for_two_views_and_pairs_each_large_view_with_the_others():
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(6, 4, generator=g) for _ in range(3))
+    two, parts2 = vicreg_multicrop_loss([a, b])
+    ref, ref_parts = vicreg_loss(a, b)
+    assert two.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert all(parts2[k].item() == pytest.approx(ref_parts[k].item(), rel=1e-6) for k in ref_parts)
+    # three views, two of them large: pairs (a,b), (a,c), (b,a), (b,c); per-view terms averaged, x2
+    total, parts = vicreg_multicrop_loss([a, b, c], 2, 2.0, 3.0, 4.0)
+    mse = lambda x, y: float(((x - y) ** 2).mean())  # noqa: E731
+    inv = (2 * mse(a, b) + mse(a, c) + mse(b, c)) / 4
+    var = sum(vicreg_loss(z, z)[1]["variance"].item() / 2 for z in (a, b, c)) * 2 / 3  # v(Z) + v(Z) halved
+    cov = sum(vicreg_loss(z, z)[1]["covariance"].item() / 2 for z in (a, b, c)) * 2 / 3
+    assert parts["invariance"].item() == pytest.approx(inv, rel=1e-5)
+    assert parts["variance"].item() == pytest.approx(var, rel=1e-5)
+    assert parts["covariance"].item() == pytest.approx(cov, rel=1e-5)
+    assert total.item() == pytest.approx(2 * inv + 3 * var + 4 * cov, rel=1e-5)
+    with pytest.raises(ValueError):
+        vicreg_multicrop_loss([a])
+
+
+def test_vicreg_multicrop_step_adds_small_crops_paired_with_both_views():
+    m = _method("vicreg", proj_hidden_dim=32, proj_dim=16, n_local=3, local_size=8).eval()
+    assert m.views_per_image == 5
+    views, loc = m.prepare(_images(4), torch.Generator().manual_seed(0))
+    assert views.shape == (8, 3, 16, 16) and loc.shape == (12, 3, 8, 8)
+    out = m.training_step((views, loc))
+    with torch.no_grad():
+        x1, x2 = views.chunk(2)
+        zs = [m.projector(m.backbone(x)) for x in (x1, x2, *loc.chunk(3))]
+    assert out["loss"].item() == pytest.approx(vicreg_multicrop_loss(zs, 2)[0].item(), rel=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in m.backbone.parameters())
+    plain = _method("vicreg", proj_hidden_dim=32, proj_dim=16)  # n_local=0: the paper's two views, one tensor
+    assert plain.prepare(_images(4), torch.Generator().manual_seed(0)).shape == (8, 3, 16, 16)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ def view_matching(method, images: torch.Tensor, generator: torch.Generator):
     image ``i``'s nearest second view is its own."""
     import torch.nn.functional as F
 
-    x1, x2 = method.prepare(images, generator).chunk(2)
+    views = method.prepare(images, generator)
+    x1, x2 = (views[0] if isinstance(views, tuple) else views).chunk(2)  # multi-crop: its two large views
     f1 = F.normalize(method.backbone(x1).float(), dim=1)
     f2 = F.normalize(method.backbone(x2).float(), dim=1)
     nearest = (f1 @ f2.t()).argmax(1)

@@ -192,6 +192,31 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0, va
     return total, {"invariance": invariance, "variance": variance, "covariance": covariance}
 
 
+def vicreg_multicrop_loss(zs: list[torch.Tensor], n_global: int = 2, sim_weight: float = 25.0,
+                          var_weight: float = 25.0, cov_weight: float = 1.0, gamma: float = 1.0,
+                          eps: float = 1e-4) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """VICReg over multi-crop views (the multi-crop of Caron et al. 2020, Sec. 3.2, applied to VICReg's
+    terms): ``zs`` are the embeddings of V crops of the same N images, the first ``n_global`` of them
+    the large views. Every large view is paired with every other view, as SwAV and DINO pair them::
+
+        s = mean over pairs (a < n_global, v != a) of mse(Z_a, Z_v)
+        v = 2/V sum_v v(Z_v);   c = 2/V sum_v c(Z_v)          # the per-view terms of Eq. 1-4
+        total = lambda * s + mu * v + nu * c
+
+    The per-view terms are averaged and scaled by 2 so that two views give exactly :func:`vicreg_loss`
+    (tested); ``parts`` as there."""
+    if len(zs) < 2 or not 1 <= n_global <= len(zs) or any(z.shape != zs[0].shape or z.dim() != 2 for z in zs):
+        raise ValueError(f"expected at least two (N, D) tensors of equal shape and 1 <= n_global <= {len(zs)}")
+    zs = [z.float() for z in zs]
+    pairs = [(a, v) for a in range(n_global) for v in range(len(zs)) if v != a]
+    invariance = sum(F.mse_loss(zs[a], zs[v]) for a, v in pairs) / len(pairs)
+    scale = 2.0 / len(zs)
+    variance = scale * sum(_vicreg_variance(z, gamma, eps) for z in zs)
+    covariance = scale * sum(_vicreg_covariance(z) for z in zs)
+    total = sim_weight * invariance + var_weight * variance + cov_weight * covariance
+    return total, {"invariance": invariance, "variance": variance, "covariance": covariance}
+
+
 # --------------------------------------------------------------------------------------------------
 # masked image modelling: MAE
 

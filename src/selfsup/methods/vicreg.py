@@ -18,16 +18,28 @@ The expander (projector) is an MLP with BatchNorm + ReLU on its hidden layers (3
 paper; 2048 here, as solo-learn's CIFAR recipe). Each view is its own forward pass. The logged parts
 are unweighted. Views: as BYOL, see :func:`selfsup.data.views.two_views`. Features for
 downstream tasks are the backbone's.
+
+Multi-crop (``n_local`` > 0; not in the paper, which uses two views): ``n_local`` small crops of
+``local_scale`` of each image at ``local_size`` px (default 2/3 of the training views' side: 16 px beside
+24 px views) are added, each paired with both large views and regularised like them
+(:func:`selfsup.losses.vicreg_multicrop_loss`); cheaper pixels per view, more views per image. In a
+5-minute CIFAR-10 run (``--recipe fast_vicreg``: airbench, 24 px views) 2 crops of 16 px made each step
+1.6x dearer and gave kNN 0.543 / linear 0.590 against 0.572 / 0.617 without them
+(benchmarks/results/fast_vicreg_multicrop_5m.json).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data.views import two_views
+import dataclasses
+
+import torch
+
+from ..data.views import augment, two_views
 from ..heads import MLP
 from ..monitor import normalized_std
-from ..losses import vicreg_loss
+from ..losses import vicreg_loss, vicreg_multicrop_loss
 from ..distributed import gather
 from .base import Method, TwoViewFigures
 
@@ -49,19 +61,37 @@ class VICReg(TwoViewFigures, Method):
         cov_weight: float = 1.0  # nu
         view2_blur_p: float | None = None  # None: as aug.blur_p (paper: 1.0 view 1, 0.1 view 2)
         view2_solarize_p: float | None = 0.2  # paper: 0.0 view 1 (aug), 0.2 view 2
+        n_local: int = 0  # small crops per image besides the two views (0: the paper's two views)
+        local_size: int | None = None  # their side in px; None: 2/3 of the training views' (16 px at 24 px)
+        local_scale: tuple[float, float] = (0.05, 0.2)  # their area fraction of the image
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         hp = self.hp
+        if hp.n_local < 0:
+            from ..config import ConfigError
+
+            raise ConfigError(f"params.n_local must be >= 0, got {hp.n_local}")
+        self.views_per_image = 2 + hp.n_local
         self.projector = MLP(self.backbone.out_dim, hp.proj_hidden_dim, hp.proj_dim, num_layers=hp.proj_layers)
 
     def prepare(self, images, generator):
-        return self.fmt(two_views(images, self.cfg.aug, generator,
-                                         self.hp.view2_blur_p, self.hp.view2_solarize_p))
+        views = self.fmt(two_views(images, self.cfg.aug, generator, self.hp.view2_blur_p, self.hp.view2_solarize_p))
+        if not self.hp.n_local:
+            return views
+        size = self.hp.local_size or max(8, self.cfg.aug.size * 2 // 3 // 4 * 4)
+        lcfg = dataclasses.replace(self.cfg.aug, crop_scale=tuple(self.hp.local_scale), size=size)
+        return views, self.fmt(torch.cat([augment(images, lcfg, generator) for _ in range(self.hp.n_local)]))
 
     def training_step(self, x):
+        x, loc = x if isinstance(x, tuple) else (x, None)
         x1, x2 = x.chunk(2)
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
         z1, z2 = gather(z1), gather(z2)  # distributed: variance and covariance over the global batch
-        loss, parts = vicreg_loss(z1, z2, self.hp.sim_weight, self.hp.var_weight, self.hp.cov_weight)
+        hp = self.hp
+        if loc is None:
+            loss, parts = vicreg_loss(z1, z2, hp.sim_weight, hp.var_weight, hp.cov_weight)
+        else:  # one pass for all the small crops, as the official multi-crop forward
+            zl = [gather(z) for z in self.projector(self.backbone(loc)).chunk(hp.n_local)]
+            loss, parts = vicreg_multicrop_loss([z1, z2, *zl], 2, hp.sim_weight, hp.var_weight, hp.cov_weight)
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}, "z_std": normalized_std(z1)}
