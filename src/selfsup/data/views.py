@@ -493,6 +493,12 @@ def multi_crop(images: Tensor, cfg: AugConfig, generator: torch.Generator, n_glo
     glob = torch.cat([augment(images, gcfg, generator) for _ in range(n_global)])
     if n_local == 0:
         return glob, None
-    size = local_size or max(8, cfg.size * 3 // 7 // 4 * 4)
-    lcfg = dataclasses.replace(cfg, crop_scale=tuple(local_scale), size=size)
-    return glob, torch.cat([augment(images, lcfg, generator) for _ in range(n_local)])
+    return glob, local_crops(images, cfg, generator, n_local, local_scale, local_size or max(8, cfg.size * 3 // 7 // 4 * 4))
+
+
+def local_crops(images: Tensor, cfg: AugConfig, generator: torch.Generator, n: int, scale: tuple[float, float],
+                size: int) -> Tensor:
+    """``n`` small views of each image at ``size`` px from crops of ``scale`` of it (``cfg``'s other
+    augmentations), concatenated view-major: multi-crop's local crops."""
+    lcfg = dataclasses.replace(cfg, crop_scale=tuple(scale), size=size)
+    return torch.cat([augment(images, lcfg, generator) for _ in range(n)])

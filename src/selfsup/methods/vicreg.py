@@ -32,11 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import dataclasses
-
-import torch
-
-from ..data.views import augment, two_views
+from ..data.views import local_crops, two_views
 from ..heads import MLP
 from ..monitor import normalized_std
 from ..losses import vicreg_loss, vicreg_multicrop_loss
@@ -80,8 +76,7 @@ class VICReg(TwoViewFigures, Method):
         if not self.hp.n_local:
             return views
         size = self.hp.local_size or max(8, self.cfg.aug.size * 2 // 3 // 4 * 4)
-        lcfg = dataclasses.replace(self.cfg.aug, crop_scale=tuple(self.hp.local_scale), size=size)
-        return views, self.fmt(torch.cat([augment(images, lcfg, generator) for _ in range(self.hp.n_local)]))
+        return views, self.fmt(local_crops(images, self.cfg.aug, generator, self.hp.n_local, self.hp.local_scale, size))
 
     def training_step(self, x):
         x, loc = x if isinstance(x, tuple) else (x, None)
