@@ -170,11 +170,50 @@ def test_jigsaw_prepare_is_the_puzzle_and_training_step_runs(tmp_path):
     assert torch.isfinite(out["loss"]) and 0 <= float(out["pretext_acc"]) <= 1
     # the paper's per-tile fc6 (params.tile_fc_dim): each tile's features pass it before the concatenation
     m = METHODS["jigsaw"](build_config("jigsaw", {"model": {"backbone": "convnet"}, "data": {"image_size": 32},
-                                                  "params": {"num_permutations": 10, "tile_fc_dim": 24}}))
+                                                  "params": {"num_permutations": 10, "tile_fc_dim": 24,
+                                                             "tile_fc_grid": 0}}))
     assert m.head[0].in_features == 9 * 24 and m.tile_fc[0].in_features == m.backbone.out_dim
     out = m.training_step((x, y))
     out["loss"].backward()
     assert m.tile_fc[0].weight.grad.abs().sum() > 0 and m.backbone.stages[0][0].weight.grad.abs().sum() > 0
+    # fc6 on the last map pooled to 2x2 (params.tile_fc_grid, the paper's pool5): 16 px tiles -> 2x2x256
+    m = METHODS["jigsaw"](build_config("jigsaw", {"model": {"backbone": "convnet"}, "data": {"image_size": 32},
+                                                  "params": {"num_permutations": 10, "tile_fc_dim": 24,
+                                                             "tile_fc_grid": 2}}))
+    assert m.tile_fc[2].in_features == 4 * m.backbone.stage_dims[-1] and m.head[0].in_features == 9 * 24
+    m.training_step((x, y))["loss"].backward()
+    assert m.tile_fc[2].weight.grad.abs().sum() > 0 and m.backbone.stages[-1][0].weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="tile_fc_grid"):
+        METHODS["jigsaw"](build_config("jigsaw", {"model": {"backbone": "convnet"}, "data": {"image_size": 32},
+                                                   "params": {"tile_fc_grid": 2, "tile_fc_dim": 0}}))
+    with pytest.raises(ConfigError, match="patch_fc_grid"):
+        METHODS["relative_location"](build_config("relative_location", {"data": {"image_size": 32},
+                                                                         "params": {"patch_fc_grid": -1}}))
+
+
+def test_map_fc_reads_the_pooled_grid_in_order_and_sees_positions():
+    """MapFC(C, g, F) = ReLU(BN(W vec(avgpool_g(map)))), the grid flattened channel-major (C, g, g);
+    with g = 0 it is the same layer on pooled features. Two maps with the same global mean but their
+    content in different corners give different outputs with g = 2, equal ones with g = 0."""
+    from selfsup.heads import MapFC
+    torch.manual_seed(0)
+    fc = MapFC(3, 2, 5).eval()
+    maps = torch.randn(4, 3, 4, 4)
+    pooled = maps.view(4, 3, 2, 2, 2, 2).mean((3, 5))  # (4, 3, 2, 2): 2x2 blocks averaged by hand
+    lin, bn = fc[2], fc[3]
+    expected = torch.relu((pooled.reshape(4, 12) @ lin.weight.T - bn.running_mean) / (1 + bn.eps) ** 0.5
+                          * bn.weight + bn.bias)
+    assert torch.allclose(fc(maps), expected, atol=1e-5)
+    assert torch.allclose(fc(maps.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
+    a, b = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
+    a[..., 0, 0], b[..., 3, 3] = 1.0, 1.0  # the same feature, top-left or bottom-right
+    with torch.no_grad():
+        fc[2].weight.normal_()
+    assert not torch.allclose(fc(a), fc(b))
+    flat = MapFC(3, 0, 5).eval()
+    with torch.no_grad():
+        flat[0].weight.normal_()
+    assert flat[0].in_features == 3 and torch.allclose(flat(a.mean((2, 3))), flat(b.mean((2, 3))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,11 +285,18 @@ def test_relative_location_prepare_colour_modes_and_training_step():
         METHODS["relative_location"](build_config("relative_location", {"params": {"color_drop": "purple"}}))
     # the paper's per-patch fc6 (params.patch_fc_dim) in each tower, before the late fusion
     cfg = build_config("relative_location", {"model": {"backbone": "convnet"}, "data": {"image_size": 32},
-                                             "params": {"patch_fc_dim": 24}})
+                                             "params": {"patch_fc_dim": 24, "patch_fc_grid": 0}})
     m = METHODS["relative_location"](cfg)
     assert m.head[0].in_features == 2 * 24 and m.patch_fc[0].in_features == m.backbone.out_dim
     m.training_step(m.prepare(images, torch.Generator().manual_seed(0)))["loss"].backward()
     assert m.patch_fc[0].weight.grad.abs().sum() > 0
+    # ... on the last map pooled to 2x2 (params.patch_fc_grid)
+    cfg = build_config("relative_location", {"model": {"backbone": "convnet"}, "data": {"image_size": 32},
+                                             "params": {"patch_fc_dim": 24, "patch_fc_grid": 2}})
+    m = METHODS["relative_location"](cfg)
+    assert m.patch_fc[2].in_features == 4 * m.backbone.stage_dims[-1] and m.head[0].in_features == 2 * 24
+    m.training_step(m.prepare(images, torch.Generator().manual_seed(0)))["loss"].backward()
+    assert m.patch_fc[2].weight.grad.abs().sum() > 0
 
 
 # --------------------------------------------------------------------------------------------------

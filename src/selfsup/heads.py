@@ -1,4 +1,5 @@
-"""Heads that sit on a backbone's pooled features: projector/predictor MLPs and classifiers.
+"""Heads that sit on a backbone's features: projector/predictor MLPs and classifiers on the pooled
+features, and the context methods' fc6 on the last feature map (:class:`MapFC`).
 
 Usable on their own: ``MLP(512, 2048, 128)`` is SimCLR's projection head ``g(.)``.
 """
@@ -27,6 +28,20 @@ class MLP(nn.Sequential):
         if last_bn:
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
         super().__init__(*layers)
+
+
+class MapFC(nn.Sequential):
+    """fc6 of the context-based methods' towers (Doersch et al. 2015, Noroozi & Favaro 2016): a fully
+    connected layer, then BatchNorm + ReLU. With ``grid = 0`` it reads the backbone's pooled features
+    ``(N, channels)``; with ``grid = g`` the last feature map ``(N, channels, H, W)``, average-pooled to
+    g x g and flattened, as the papers' fc6 reads pool5 (2x2x256 for a 64 px tile in AlexNet's jigsaw
+    tower): it then sees *where* in the map a feature is, so the convolutional stages need not fold
+    positions into their channels. Output ``(N, out_dim)``."""
+
+    def __init__(self, channels: int, grid: int, out_dim: int) -> None:
+        flat = [nn.AdaptiveAvgPool2d(grid), nn.Flatten(1)] if grid else []
+        super().__init__(*flat, nn.Linear(channels * max(grid, 1) ** 2, out_dim, bias=False),
+                         nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True))
 
 
 class LinearClassifier(nn.Linear):

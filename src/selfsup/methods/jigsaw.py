@@ -9,6 +9,7 @@ Algorithm (Sec. 3 of the paper; one puzzle per image)::
     y ~ U{0..N-1};  t_j = tiles[P[y][j]]  # puzzle position j shows tile P[y][j]; pseudo label y
     t = gray(t, p=0.3 per tile); t = (t - mean(t)) / std(t)   # per tile, per channel
     f = fc6(backbone(resize(t)))          # siamese: the shared tower runs on all 9B tiles at once
+                                          # (fc6 on the pooled features, or on the last map: tile_fc_grid)
     loss = cross_entropy(head(concat(f_0 .. f_8)), y)          # MLP on the 9*F concatenated features
 
 The pseudo label ``y`` indexes ``P``; the tile at puzzle position ``j`` belongs at grid cell ``P[y][j]``
@@ -35,7 +36,10 @@ Shortcuts the paper closes, and how they are scaled here:
 The paper uses 225 px crops of ImageNet, 64 px tiles and AlexNet with 4096-d fc7 and N = 1000 (N = 100
 in the ablations with similar results). For 32-96 px images the tiles are resized (bilinear) to
 ``image_size // 2`` so the backbone sees a map larger than a few pixels (an 8 px tile becomes 16 px at
-32 px), the head is ``MLP(9*D, 1024, N)`` and N defaults to 100.
+32 px), the head is ``MLP(9*F, 1024, N)`` and N defaults to 100. fc6 (``tile_fc_dim``, 512 in the
+preset) reads, as the paper's reads pool5, the last feature map pooled to ``tile_fc_grid`` x
+``tile_fc_grid`` (2 in the preset: a 16 px tile's 2x2 map on the convnet) instead of the pooled features
+(``tile_fc_grid = 0``); the preset says what it changed on CIFAR-10.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from ..data.views import augment, grayscale, normalize, to_float
 from ..figures import image_grid, sample_batch
-from ..heads import MLP
+from ..heads import MLP, MapFC
 from .base import Method
 
 GRID = 3  # a 3x3 puzzle
@@ -217,6 +221,8 @@ class Jigsaw(Method):
         head_hidden_dim: int = 1024  # MLP(9*F, hidden, N) on the concatenated features; paper fc7 4096
         tile_fc_dim: int = 0  # F: a per-tile layer Linear(D, F) + BN + ReLU before the concatenation
         #                       (the paper's fc6, 512 units); 0: none, F = D
+        tile_fc_grid: int = 0  # fc6's input: 0, the pooled features (D); g, the last feature map pooled
+        #                        to g x g (g*g*D; the paper's fc6 reads pool5, 2x2 for a 64 px tile)
         perm_seed: int = 0  # seed of the first permutation of the set (the rest is greedy)
 
     def __init__(self, cfg) -> None:
@@ -228,9 +234,11 @@ class Jigsaw(Method):
             raise ConfigError(f"jigsaw needs images of at least {GRID} px")
         self.register_buffer("perms", permutation_set(hp.num_permutations, hp.perm_seed), persistent=False)
         self.tile_size = hp.tile_size or max(1, cfg.data.image_size // 2)
+        if hp.tile_fc_grid < 0 or (hp.tile_fc_grid and not hp.tile_fc_dim):
+            raise ConfigError("params.tile_fc_grid must be >= 0 and needs params.tile_fc_dim > 0")
         d = self.backbone.out_dim
-        self.tile_fc = (nn.Sequential(nn.Linear(d, hp.tile_fc_dim, bias=False), nn.BatchNorm1d(hp.tile_fc_dim),
-                                      nn.ReLU(inplace=True)) if hp.tile_fc_dim else nn.Identity())
+        channels = self.backbone.stage_dims[-1] if hp.tile_fc_grid else d  # the last map's, or the pooled
+        self.tile_fc = MapFC(channels, hp.tile_fc_grid, hp.tile_fc_dim) if hp.tile_fc_dim else nn.Identity()
         self.head = MLP(TILES * (hp.tile_fc_dim or d), hp.head_hidden_dim, hp.num_permutations)
 
     def _aug01(self):
@@ -246,6 +254,12 @@ class Jigsaw(Method):
                               antialias=x.shape[-1] > self.tile_size)
         return self.fmt(x)
 
+    def tile_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(9B, F)``: the siamese tower (shared weights) on every tile, up to fc6."""
+        if self.hp.tile_fc_grid:
+            return self.tile_fc(self.backbone.forward_stages(x)[-1])
+        return self.tile_fc(self.backbone(x))
+
     def prepare(self, images, generator):
         x = augment(images, self._aug01(), generator)
         tiles, y = make_puzzles(x, self.perms, self.hp.tile_frac, self.hp.jitter, self.hp.gray_p, generator)
@@ -253,7 +267,7 @@ class Jigsaw(Method):
 
     def training_step(self, batch):
         x, y = batch
-        f = self.tile_fc(self.backbone(x))  # (9B, F): the siamese tower, shared weights
+        f = self.tile_features(x)  # (9B, F): the siamese tower, shared weights
         logits = self.head(f.reshape(-1, TILES * f.shape[1])).float()  # concat(f_0, ..., f_8) per image
         loss = F.cross_entropy(logits, y)
         return {"loss": loss, "pretext_acc": (logits.argmax(1) == y).float().mean()}
@@ -270,7 +284,7 @@ class Jigsaw(Method):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         tiles, y = make_puzzles(x, self.perms, self.hp.tile_frac, self.hp.jitter, self.hp.gray_p,
                                 torch.Generator().manual_seed(0))
-        pred = self.head(self.tile_fc(self.backbone(self.network_input(tiles))).reshape(n, -1)).float().argmax(1)
+        pred = self.head(self.tile_features(self.network_input(tiles)).reshape(n, -1)).float().argmax(1)
         gap = max(1, tiles.shape[-1] // 8)
         rows = [x, assemble(tiles, gap=gap), assemble(tiles, self.perms[pred], gap=gap)]
         cols = [f"perm {int(a)}: {'ok' if a == b else f'pred {int(b)}'}" for a, b in zip(y, pred)]

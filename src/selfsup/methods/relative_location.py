@@ -33,9 +33,11 @@ Shortcuts the paper closes, and how they are scaled here:
 
 The paper uses patches of 96 px from ImageNet images of 150k-450k pixels, an AlexNet-style tower per
 patch and 4096-d fc layers, one random pair per image. For 32-96 px images the patches are resized
-(bilinear) to ``image_size // 2`` (7 px -> 16 px at 32 px), the head is ``MLP(2*D, 1024, 8)``, and by
+(bilinear) to ``image_size // 2`` (7 px -> 16 px at 32 px), the head is ``MLP(2*F, 1024, 8)``, and by
 default all 8 pairs of every image are used (``all_neighbours``): 8 labelled pairs for 9 patches through
-the backbone, as RotNet uses all 4 rotations of every image.
+the backbone, as RotNet uses all 4 rotations of every image. The preset has the paper's per-patch fc6
+(``patch_fc_dim = 512``) reading, as the paper's reads pool5, the last feature map pooled to 2x2
+(``patch_fc_grid = 2``); the preset says what it changed on CIFAR-10.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from ..data.views import augment, grayscale, normalize, to_float
 from ..figures import image_grid, sample_batch
-from ..heads import MLP
+from ..heads import MLP, MapFC
 from .base import Method
 from .jigsaw import TILES, _randint, assemble, crop_tiles, tile_positions
 
@@ -112,6 +114,8 @@ class RelativeLocation(Method):
         head_hidden_dim: int = 1024  # late fusion MLP(2*F, hidden, 8); paper fc7 4096
         patch_fc_dim: int = 0  # F: a per-patch layer Linear(D, F) + BN + ReLU before the fusion (the
         #                        paper's fc6, in each tower); 0: none, F = D
+        patch_fc_grid: int = 0  # fc6's input: 0, the pooled features (D); g, the last feature map pooled
+        #                         to g x g (g*g*D; the paper's fc6 reads AlexNet's pool5 map)
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -123,9 +127,11 @@ class RelativeLocation(Method):
         if cfg.data.image_size < 3:
             raise ConfigError("relative_location needs images of at least 3 px")
         self.patch_size = hp.patch_size or max(1, cfg.data.image_size // 2)
+        if hp.patch_fc_grid < 0 or (hp.patch_fc_grid and not hp.patch_fc_dim):
+            raise ConfigError("params.patch_fc_grid must be >= 0 and needs params.patch_fc_dim > 0")
         d = self.backbone.out_dim
-        self.patch_fc = (nn.Sequential(nn.Linear(d, hp.patch_fc_dim, bias=False), nn.BatchNorm1d(hp.patch_fc_dim),
-                                       nn.ReLU(inplace=True)) if hp.patch_fc_dim else nn.Identity())
+        channels = self.backbone.stage_dims[-1] if hp.patch_fc_grid else d  # the last map's, or the pooled
+        self.patch_fc = MapFC(channels, hp.patch_fc_grid, hp.patch_fc_dim) if hp.patch_fc_dim else nn.Identity()
         self.head = MLP(2 * (hp.patch_fc_dim or d), hp.head_hidden_dim, len(NEIGHBOUR_CELLS))
 
     def network_input(self, patches: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -155,7 +161,8 @@ class RelativeLocation(Method):
         return self.network_input(patches, generator), centre, neighbour, y
 
     def logits(self, x, centre, neighbour):
-        f = self.patch_fc(self.backbone(x))  # every patch once, shared weights
+        # every patch once, shared weights; fc6 on the pooled features or on the last map (patch_fc_grid)
+        f = self.patch_fc(self.backbone.forward_stages(x)[-1] if self.hp.patch_fc_grid else self.backbone(x))
         return self.head(torch.cat([f[centre], f[neighbour]], dim=1)).float()  # late fusion
 
     def training_step(self, batch):
