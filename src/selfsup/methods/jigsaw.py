@@ -200,6 +200,23 @@ def standardize_tiles(tiles: torch.Tensor) -> torch.Tensor:
     return (tiles - mean) / std
 
 
+def tower_fc6(backbone: nn.Module, dim: int, grid: int, name: str) -> nn.Module:
+    """The per-tile (per-patch) fc6 of a context tower: :class:`MapFC` of ``dim`` units on the last map
+    pooled to ``grid`` x ``grid`` (``grid > 0``) or on the pooled features; ``nn.Identity`` when ``dim`` is
+    0. ``name``: the params' prefix, for the error message."""
+    if grid < 0 or (grid and not dim):
+        raise ConfigError(f"params.{name}_fc_grid must be >= 0 and needs params.{name}_fc_dim > 0")
+    if not dim:
+        return nn.Identity()
+    return MapFC(backbone.stage_dims[-1] if grid else backbone.out_dim, grid, dim)
+
+
+def tower(backbone: nn.Module, fc6: nn.Module, grid: int, x: torch.Tensor) -> torch.Tensor:
+    """Every tile through the shared tower up to fc6: on the last feature map (``grid > 0``) or on the
+    pooled features."""
+    return fc6(backbone.forward_stages(x)[-1] if grid else backbone(x))
+
+
 # --------------------------------------------------------------------------------------------------
 # the method
 
@@ -234,12 +251,8 @@ class Jigsaw(Method):
             raise ConfigError(f"jigsaw needs images of at least {GRID} px")
         self.register_buffer("perms", permutation_set(hp.num_permutations, hp.perm_seed), persistent=False)
         self.tile_size = hp.tile_size or max(1, cfg.data.image_size // 2)
-        if hp.tile_fc_grid < 0 or (hp.tile_fc_grid and not hp.tile_fc_dim):
-            raise ConfigError("params.tile_fc_grid must be >= 0 and needs params.tile_fc_dim > 0")
-        d = self.backbone.out_dim
-        channels = self.backbone.stage_dims[-1] if hp.tile_fc_grid else d  # the last map's, or the pooled
-        self.tile_fc = MapFC(channels, hp.tile_fc_grid, hp.tile_fc_dim) if hp.tile_fc_dim else nn.Identity()
-        self.head = MLP(TILES * (hp.tile_fc_dim or d), hp.head_hidden_dim, hp.num_permutations)
+        self.tile_fc = tower_fc6(self.backbone, hp.tile_fc_dim, hp.tile_fc_grid, "tile")
+        self.head = MLP(TILES * (hp.tile_fc_dim or self.backbone.out_dim), hp.head_hidden_dim, hp.num_permutations)
 
     def _aug01(self):
         """The run's augmentation without its normalisation: views in [0, 1]."""
@@ -256,9 +269,7 @@ class Jigsaw(Method):
 
     def tile_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(9B, F)``: the siamese tower (shared weights) on every tile, up to fc6."""
-        if self.hp.tile_fc_grid:
-            return self.tile_fc(self.backbone.forward_stages(x)[-1])
-        return self.tile_fc(self.backbone(x))
+        return tower(self.backbone, self.tile_fc, self.hp.tile_fc_grid, x)
 
     def prepare(self, images, generator):
         x = augment(images, self._aug01(), generator)

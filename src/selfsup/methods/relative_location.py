@@ -46,15 +46,14 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data.views import augment, grayscale, normalize, to_float
 from ..figures import image_grid, sample_batch
-from ..heads import MLP, MapFC
+from ..heads import MLP
 from .base import Method
-from .jigsaw import TILES, _randint, assemble, crop_tiles, tile_positions
+from .jigsaw import TILES, _randint, assemble, crop_tiles, tile_positions, tower, tower_fc6
 
 CENTRE = 4
 NEIGHBOUR_CELLS = (0, 1, 2, 3, 5, 6, 7, 8)  # label y -> grid cell (raster order)
@@ -127,12 +126,8 @@ class RelativeLocation(Method):
         if cfg.data.image_size < 3:
             raise ConfigError("relative_location needs images of at least 3 px")
         self.patch_size = hp.patch_size or max(1, cfg.data.image_size // 2)
-        if hp.patch_fc_grid < 0 or (hp.patch_fc_grid and not hp.patch_fc_dim):
-            raise ConfigError("params.patch_fc_grid must be >= 0 and needs params.patch_fc_dim > 0")
-        d = self.backbone.out_dim
-        channels = self.backbone.stage_dims[-1] if hp.patch_fc_grid else d  # the last map's, or the pooled
-        self.patch_fc = MapFC(channels, hp.patch_fc_grid, hp.patch_fc_dim) if hp.patch_fc_dim else nn.Identity()
-        self.head = MLP(2 * (hp.patch_fc_dim or d), hp.head_hidden_dim, len(NEIGHBOUR_CELLS))
+        self.patch_fc = tower_fc6(self.backbone, hp.patch_fc_dim, hp.patch_fc_grid, "patch")
+        self.head = MLP(2 * (hp.patch_fc_dim or self.backbone.out_dim), hp.head_hidden_dim, len(NEIGHBOUR_CELLS))
 
     def network_input(self, patches: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Patches ``(P, 3, t, t)`` in [0, 1] -> colour dropping (skipped without a generator),
@@ -161,8 +156,7 @@ class RelativeLocation(Method):
         return self.network_input(patches, generator), centre, neighbour, y
 
     def logits(self, x, centre, neighbour):
-        # every patch once, shared weights; fc6 on the pooled features or on the last map (patch_fc_grid)
-        f = self.patch_fc(self.backbone.forward_stages(x)[-1] if self.hp.patch_fc_grid else self.backbone(x))
+        f = tower(self.backbone, self.patch_fc, self.hp.patch_fc_grid, x)  # every patch once, shared weights
         return self.head(torch.cat([f[centre], f[neighbour]], dim=1)).float()  # late fusion
 
     def training_step(self, batch):
