@@ -346,7 +346,7 @@ def _diffaug_step_inputs(method, policy, data):
 def test_dcgan_diffaug_reaches_the_discriminator_and_passes_gradients_to_g(colour_data):
     m, x, batch = _diffaug_step_inputs("dcgan", "color,translation,cutout", colour_data)
     seen = []
-    m.backbone.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    m.backbone.stages[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
     m.phase_step(batch, "g")
     real = batch[0]
     assert seen[0].shape[0] == 8 and not torch.allclose(seen[0][:4], real)  # D sees augmented reals
@@ -406,3 +406,86 @@ def test_bigan_enc_bn_gives_codes_the_priors_mean_and_variance_from_the_first_st
             m.phase_step(m.prepare(x, torch.Generator().manual_seed(1)), "g")["loss"].backward()
             assert m.enc_head[0].weight.grad.abs().sum() > 0 and m.enc_head[1].weight.grad.abs().sum() > 0
     assert (stds[False].mean() - 1).abs() > 0.3, stds[False].mean()
+
+
+@pytest.mark.parametrize("mode", ["joint", "separate", "reals"])
+def test_dcgan_d_batch_decides_whether_the_fakes_move_the_reals_logits(mode, colour_data):
+    """``params.d_batch``: "joint" (the preset) normalises D's batch [x; G(z)] with its own statistics, so the
+    reals' logits depend on the fakes; "separate" (the DCGAN reference code's D(x), D(G(z))) and "reals"
+    (the batch normalised with the reals' statistics) make them independent of the fakes. "separate" runs D on
+    two batches in the d phase and on the fakes alone in the g phase."""
+    def reals_logits(m, batch):
+        seen = []
+        hook = m.d_head.register_forward_hook(lambda mod, args, out: seen.append(out.detach().clone()))
+        m.phase_step(batch, "d")
+        hook.remove()
+        return torch.cat(seen)[:4, 0], [s.shape[0] for s in seen]
+
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    cfg = _cfg("dcgan", colour_data / "train", 1)
+    cfg.params["d_batch"] = mode
+    torch.manual_seed(0)
+    m = METHODS["dcgan"](cfg)
+    batch = m.prepare(x, torch.Generator().manual_seed(0))
+    other = (batch[0], batch[1] + 3.0, batch[2])  # the same reals, other fakes
+    a, sizes = reals_logits(m, batch)
+    b, _ = reals_logits(m, other)
+    assert sizes == ([4, 4] if mode == "separate" else [8])
+    if mode == "joint":
+        assert not torch.allclose(a, b, atol=1e-3)
+    else:
+        assert torch.allclose(a, b, atol=1e-5)
+    seen = []
+    m.d_head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    m.phase_step(batch, "g")["loss"].backward()
+    assert seen == ([4] if mode == "separate" else [8])  # the g phase: D(G(z)) alone, or [x; G(z)]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.generator.parameters())
+    with pytest.raises(ConfigError, match="d_batch"):
+        bad = _cfg("dcgan", colour_data / "train", 1)
+        bad.params["d_batch"] = "mixed"
+        METHODS["dcgan"](bad)
+
+
+def test_reference_batchnorm_normalises_the_batch_with_its_first_samples_statistics():
+    """Against a hand computation: outputs, running statistics (unbiased variance, momentum 0.1) and the
+    gradient flowing through the reference statistics; eval mode and the layer after the block unchanged."""
+    from selfsup.methods.dcgan import reference_batchnorm
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3)
+    bn.weight.data, bn.bias.data = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.0, -1.0, 1.0])
+    x = torch.randn(6, 3, 4, 4, requires_grad=True)
+    ref = x[:2].detach()
+    mean, var = ref.mean((0, 2, 3)), ref.var((0, 2, 3), unbiased=False)
+    expected = ((x.detach() - mean.view(1, 3, 1, 1)) / torch.sqrt(var.view(1, 3, 1, 1) + bn.eps)
+                * bn.weight.view(1, 3, 1, 1) + bn.bias.view(1, 3, 1, 1))
+    with reference_batchnorm(bn, 2):
+        y = bn(x)
+    assert torch.allclose(y, expected, atol=1e-5)
+    assert torch.allclose(bn.running_mean, 0.1 * mean, atol=1e-6)
+    assert torch.allclose(bn.running_var, 0.9 + 0.1 * ref.var((0, 2, 3), unbiased=True), atol=1e-6)
+    y[2:].sum().backward()  # the last four samples' outputs depend on the first two through the statistics
+    assert x.grad[:2].abs().sum() > 0
+    assert "forward" not in vars(bn)  # the layer's own forward is back
+    assert torch.allclose(bn(x.detach()).mean((0, 2, 3)), bn.bias, atol=1e-5)  # its own batch statistics again
+    bn.eval()
+    with reference_batchnorm(bn, 2):
+        assert torch.equal(bn(x.detach()), torch.nn.BatchNorm2d.forward(bn, x.detach()))
+
+
+def test_bigan_map_head_encodes_the_last_feature_map_unpooled(colour_data):
+    """``params.map_head`` for BiGAN: E's linear map to z reads the last map flattened (BiGAN's encoder has
+    fully connected layers on its conv5 map): one weight per channel and location."""
+    cfg = _cfg("bigan", colour_data / "train", 1)
+    cfg.params.update(map_head=True, enc_bn=False)
+    m = METHODS["bigan"](cfg)
+    last = m.backbone.forward_stages(torch.zeros(1, 3, 16, 16))[-1]
+    assert m.enc_head.in_features == last[0].numel() == m.backbone.out_dim * 2 * 2  # 16 px: a 2x2 map
+    m.eval()
+    x = torch.randn(3, 3, 16, 16)
+    assert torch.allclose(m.encode(x), m.enc_head(m.backbone.forward_stages(x)[-1].flatten(1)), atol=1e-5)
+    cfg.params["enc_bn"] = True  # with the BatchNorm on the codes, as the preset
+    m = METHODS["bigan"](cfg)
+    assert m.enc_head[0].in_features == last[0].numel()
+    z = m.encode(torch.randn(8, 3, 16, 16))
+    assert z.shape == (8, m.hp.z_dim) and torch.allclose(z.std(0, unbiased=False), torch.ones(m.hp.z_dim), atol=1e-2)

@@ -44,6 +44,10 @@ prior's mean and variance per dimension. Without it the untrained encoder's code
 ``z`` (std 0.44 against 1 on CIFAR-10), D tells the real pairs by their codes within ~40 steps and wins
 from then on, and E's features fall far below an untrained network's; with it the game stays balanced
 (5-minute CIFAR-10 runs: kNN 0.279 -> 0.336, linear 0.311 -> 0.417; benchmarks/results/bigan_5m_fp32.md).
+
+``params.map_head``: E's linear map to ``z`` reads the last feature map flattened, as BiGAN's AlexNet encoder
+has fully connected layers on its conv5 map, instead of the pooled features; measured, not adopted (5-minute
+run: 0.346 / 0.412 against the preset's 0.336 / 0.417).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from ..data.views import eval_view
 from ..figures import image_grid, sample_images
 from .base import Method, split_decay
 from .dcgan import (GeneratorPlayer, build_generator, d_accuracies, d_loss, dcgan_init, diffaug_params,
-                    generator_plan)
+                    generator_plan, last_map_numel)
 
 
 class JointDiscriminator(nn.Module):
@@ -107,20 +111,29 @@ class BiGAN(GeneratorPlayer, Method):
         diffaug: str = ""  # DiffAugment of the images D sees (dcgan.diff_augment), e.g. "color,translation,cutout"
         enc_bn: bool = False  # BatchNorm1d on E's output (not in the papers): E(x) starts with the prior's mean
         # and variance per dimension, as z ~ N(0, I) has, instead of near-constant codes
+        map_head: bool = False  # E's linear map to z reads the backbone's last feature map flattened (as
+        # BiGAN's AlexNet encoder has fully connected layers on its conv5 map), not the pooled features
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         hp = self.hp
         self.generator = build_generator(hp.z_dim, cfg.data.image_size, hp.gen_width)
-        self.enc_head = nn.Linear(self.backbone.out_dim, hp.z_dim)  # E = enc_head(backbone(x))
+        self.enc_head = nn.Linear(self._enc_in(cfg.data.image_size), hp.z_dim)  # E = enc_head(backbone(x))
         if hp.enc_bn:
             self.enc_head = nn.Sequential(self.enc_head, nn.BatchNorm1d(hp.z_dim))
         self.disc = JointDiscriminator(cfg.data.image_size, hp.z_dim, hp.disc_width, hp.disc_hidden, hp.dropout)
         diffaug_params(1, cfg.data.image_size, hp.diffaug, torch.Generator(), "cpu")  # checks the policy
 
     # -- pieces ----------------------------------------------------------------------------------
+    def _enc_in(self, size: int) -> int:
+        """Width of E's input: the pooled features, or with ``map_head`` the last feature map's size."""
+        if not self.hp.map_head:
+            return self.backbone.out_dim
+        return last_map_numel(self.backbone, self.backbone_spec()["in_chans"], size)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.enc_head(self.backbone(x)).float()
+        f = self.backbone.forward_stages(x)[-1].flatten(1) if self.hp.map_head else self.backbone(x)
+        return self.enc_head(f).float()
 
     # -- the step (prepare, fake, sample_noise: GeneratorPlayer) --------------------------------------
     def phase_step(self, batch, phase):
