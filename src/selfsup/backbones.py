@@ -45,6 +45,16 @@ class Backbone(nn.Module):
             x = stage(x)
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
+    def last_map_shape(self, size: int, in_chans: int = 3) -> tuple[int, ...]:
+        """``(C, H, W)`` of the last stage's map for ``size`` px images (for heads that read it unpooled):
+        a shape probe in eval mode, so the BatchNorm statistics stay as they are."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            shape = tuple(self.forward_stages(torch.zeros(1, in_chans, size, size))[-1].shape[1:])
+        self.train(was_training)
+        return shape
+
 
 class ResNet(Backbone):
     """torchvision ResNet without its classifier; stages: stem, layer1..layer4."""

@@ -52,6 +52,7 @@ run: 0.346 / 0.412 against the preset's 0.336 / 0.417).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +62,7 @@ from ..data.views import eval_view
 from ..figures import image_grid, sample_images
 from .base import Method, split_decay
 from .dcgan import (GeneratorPlayer, build_generator, d_accuracies, d_loss, dcgan_init, diffaug_params,
-                    generator_plan, last_map_numel)
+                    generator_plan)
 
 
 class JointDiscriminator(nn.Module):
@@ -129,7 +130,7 @@ class BiGAN(GeneratorPlayer, Method):
         """Width of E's input: the pooled features, or with ``map_head`` the last feature map's size."""
         if not self.hp.map_head:
             return self.backbone.out_dim
-        return last_map_numel(self.backbone, self.backbone_spec()["in_chans"], size)
+        return math.prod(self.backbone.last_map_shape(size, self.backbone_spec()["in_chans"]))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         f = self.backbone.forward_stages(x)[-1].flatten(1) if self.hp.map_head else self.backbone(x)

@@ -71,6 +71,7 @@ and ``d_batch: joint``, 0.417 / 0.448 and 0.402 / 0.443).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -97,17 +98,6 @@ def generator_plan(image_size: int) -> tuple[int, int]:
             return base, n
     raise ValueError(f"the DCGAN generator makes images of 8*2^k or 12*2^k px (8, 12, 16, 24, 32, 48, 64, "
                      f"96, 128, ...), not {image_size} px; choose another data.image_size")
-
-
-def last_map_numel(backbone: nn.Module, in_chans: int, size: int) -> int:
-    """Size of the backbone's last feature map (C * H * W) for ``size`` px images: the width of a head that
-    reads it flattened (``map_head``). A shape probe in eval mode: the BatchNorm statistics stay as they are."""
-    was_training = backbone.training
-    backbone.eval()
-    with torch.no_grad():
-        n = backbone.forward_stages(torch.zeros(1, in_chans, size, size))[-1].numel()
-    backbone.train(was_training)
-    return n
 
 
 def dcgan_init(module: nn.Module) -> None:
@@ -358,8 +348,8 @@ class DCGAN(GeneratorPlayer, Method):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         if self.hp.map_head:  # D = d_head(flatten(last map of backbone(x)))
-            self.d_head = LinearClassifier(last_map_numel(self.backbone, self.backbone_spec()["in_chans"],
-                                                          cfg.data.image_size), 1)
+            self.d_head = LinearClassifier(math.prod(self.backbone.last_map_shape(
+                cfg.data.image_size, self.backbone_spec()["in_chans"])), 1)
         else:  # D = d_head(backbone(x))
             self.d_head = LinearClassifier(self.backbone.out_dim, 1)
         self.generator = build_generator(self.hp.z_dim, cfg.data.image_size, self.hp.gen_width)

@@ -204,10 +204,7 @@ class Inpainting(Method):
         if self.hp.mask not in MASKS:
             raise ConfigError(f"params.mask must be one of {', '.join(MASKS)}, got '{self.hp.mask}'")
         size = cfg.data.image_size
-        was_training = self.backbone.training
-        with torch.no_grad():  # the last map's side, measured (eval mode: BN statistics untouched)
-            side = self.backbone.eval().forward_stages(torch.zeros(1, 3, size, size))[-1].shape[-1]
-        self.backbone.train(was_training)
+        side = self.backbone.last_map_shape(size)[-1]  # the last map's side, measured
         self.decoder = ContextDecoder(self.backbone.stage_dims[-1], side, size, self.hp.bottleneck_dim)
         self.adversarial = self.hp.adv_weight > 0
         self.disc = Discriminator(size, self.hp.disc_dim) if self.adversarial else None
