@@ -138,6 +138,35 @@ def test_jigsaw_tiles_are_jittered_crops_inside_their_cells_with_a_gap():
     assert bool(((per_image > 0) & (per_image < 9)).any())  # grey or not per tile, not per image
 
 
+def test_jigsaw_grid_2_is_a_puzzle_of_four_tiles_from_all_24_permutations():
+    """``params.grid = 2``: four tiles of 0.85 of a half-image cell, labels over the 4! = 24 permutations
+    (all distinct), and the inverse permutation puts the image back together."""
+    p = permutation_set(24, tiles=4)
+    assert p.shape == (24, 4) and len({tuple(r) for r in p.tolist()}) == 24
+    assert sorted(map(tuple, p.tolist())) == list(itertools.permutations(range(4)))
+    assert int((p[:4, None] != p[None, :4]).sum(-1).add(torch.eye(4, dtype=torch.long) * 9).min()) == 4  # derangements
+    with pytest.raises(ConfigError, match=r"\[2, 24\]"):
+        permutation_set(25, tiles=4)
+    origin, cell, tile = tile_geometry(32, 0.85, grid=2)
+    assert (origin, cell, tile) == (0, 16, 13)
+    x = torch.rand(5, 3, 16, 16)
+    tiles, y = make_puzzles(x, p, tile_frac=1.0, jitter=1.0, gray_p=0.0, generator=torch.Generator().manual_seed(0))
+    assert tiles.shape == (5, 4, 3, 8, 8)
+    assert torch.equal(assemble(tiles, p[y]), x)
+    for b in range(5):
+        for j in range(4):
+            c = int(p[y[b], j])
+            assert torch.equal(tiles[b, j], x[b, :, 8 * (c // 2):8 * (c // 2) + 8, 8 * (c % 2):8 * (c % 2) + 8])
+    m = METHODS["jigsaw"](build_config("jigsaw", {"model": {"backbone": "convnet"}, "data": {"image_size": 32},
+                                                  "params": {"grid": 2, "num_permutations": 24}}))
+    assert m.views_per_image == 4 and m.head[0].in_features == 4 * (m.hp.tile_fc_dim or m.backbone.out_dim)
+    xb, yb = m.prepare(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8), torch.Generator().manual_seed(0))
+    assert xb.shape == (12, 3, 16, 16) and yb.max() < 24
+    assert torch.isfinite(m.training_step((xb, yb))["loss"])
+    with pytest.raises(ConfigError, match="grid"):
+        METHODS["jigsaw"](build_config("jigsaw", {"data": {"image_size": 32}, "params": {"grid": 1}}))
+
+
 def test_tile_standardisation_per_tile_and_channel():
     t = torch.rand(5, 9, 3, 4, 4) * torch.tensor([0.2, 1.0, 3.0]).view(3, 1, 1) + 7
     s = standardize_tiles(t)

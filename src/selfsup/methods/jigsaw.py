@@ -40,6 +40,11 @@ in the ablations with similar results). For 32-96 px images the tiles are resize
 preset) reads, as the paper's reads pool5, the last feature map pooled to ``tile_fc_grid`` x
 ``tile_fc_grid`` (2 in the preset: a 16 px tile's 2x2 map on the convnet) instead of the pooled features
 (``tile_fc_grid = 0``); the preset says what it changed on CIFAR-10.
+
+``params.grid = 2`` (not in the paper) makes it a 2x2 puzzle: four tiles of 0.85 of a half-image cell (13 px
+in 16 px cells at 32 px, against 8 px in 10 px), labels over N <= 4! = 24 permutations. In a 5-minute
+CIFAR-10 run (convnet, fp32 machine; benchmarks/results/context_fc6_5m_fp32.md) with all 24: kNN 0.414 /
+linear 0.498, against 0.401-0.427 / 0.474-0.478 for three seeds of the 3x3 preset.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ from ..figures import image_grid, sample_batch
 from ..heads import MLP, MapFC
 from .base import Method
 
-GRID = 3  # a 3x3 puzzle
+GRID = 3  # the paper's 3x3 puzzle (params.grid)
 TILES = GRID * GRID
 MAX_PERMUTATIONS = 1000
 STD_FLOOR = 0.02  # per-tile standardisation: std floor (about 5 grey levels of 255)
@@ -72,17 +77,17 @@ STD_FLOOR = 0.02  # per-tile standardisation: std floor (about 5 grey levels of 
 
 
 @functools.lru_cache(maxsize=8)
-def _permutation_set(n: int, seed: int) -> np.ndarray:
-    flat = itertools.chain.from_iterable(itertools.permutations(range(TILES)))
-    perms = np.fromiter(flat, dtype=np.int8, count=TILES * math.factorial(TILES)).reshape(-1, TILES)  # lexicographic
+def _permutation_set(n: int, seed: int, tiles: int = TILES) -> np.ndarray:
+    flat = itertools.chain.from_iterable(itertools.permutations(range(tiles)))
+    perms = np.fromiter(flat, dtype=np.int8, count=tiles * math.factorial(tiles)).reshape(-1, tiles)  # lexicographic
     # hamming(p, q) = 9 - matches; matches with p = sum_k [q_k == p_k], from 81 precomputed masks
-    same = np.ascontiguousarray(perms.T[:, None, :] == np.arange(TILES, dtype=np.int8)[None, :, None]).view(np.int8)
+    same = np.ascontiguousarray(perms.T[:, None, :] == np.arange(tiles, dtype=np.int8)[None, :, None]).view(np.int8)
 
     def distances(p: np.ndarray) -> np.ndarray:
         matches = same[0, p[0]].copy()
-        for k in range(1, TILES):
+        for k in range(1, tiles):
             matches += same[k, p[k]]
-        return TILES - matches.astype(np.int32)
+        return tiles - matches.astype(np.int32)
 
     j = int(np.random.default_rng(seed).integers(len(perms)))  # the paper starts from a random permutation
     chosen = [j]
@@ -101,14 +106,15 @@ def _permutation_set(n: int, seed: int) -> np.ndarray:
     return out
 
 
-def permutation_set(n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` permutations of the 9 tiles, ``(n, 9)`` long, chosen greedily by maximal minimum Hamming
-    distance to those already chosen (ties: maximal summed distance, the paper's Alg. 1), starting
-    from a permutation drawn with ``seed``. Deterministic and cached; the first ``k`` of a set are
-    the set of size ``k``."""
-    if not 2 <= n <= MAX_PERMUTATIONS:
-        raise ConfigError(f"params.num_permutations must be in [2, {MAX_PERMUTATIONS}], got {n}")
-    return torch.from_numpy(_permutation_set(n, seed).copy())
+def permutation_set(n: int, seed: int = 0, tiles: int = TILES) -> torch.Tensor:
+    """``n`` permutations of the 9 tiles (or ``tiles``), ``(n, tiles)`` long, chosen greedily by maximal
+    minimum Hamming distance to those already chosen (ties: maximal summed distance, the paper's Alg. 1),
+    starting from a permutation drawn with ``seed``. Deterministic and cached; the first ``k`` of a set
+    are the set of size ``k``."""
+    most = min(MAX_PERMUTATIONS, math.factorial(tiles))
+    if not 2 <= n <= most:
+        raise ConfigError(f"params.num_permutations must be in [2, {most}] for {tiles} tiles, got {n}")
+    return torch.from_numpy(_permutation_set(n, seed, tiles).copy())
 
 
 def hamming_distances(perms: torch.Tensor) -> torch.Tensor:
@@ -125,27 +131,27 @@ def _randint(high: int, shape, generator: torch.Generator, device) -> torch.Tens
     return torch.randint(high, shape, generator=generator, device=generator.device).to(device)
 
 
-def tile_geometry(size: int, tile_frac: float) -> tuple[int, int, int]:
-    """``(origin, cell, tile)`` in pixels: the 3x3 grid of ``cell`` px cells is centred in the image
-    (starting at ``origin``) and a tile is ``tile_frac`` of a cell."""
-    cell = size // GRID
+def tile_geometry(size: int, tile_frac: float, grid: int = GRID) -> tuple[int, int, int]:
+    """``(origin, cell, tile)`` in pixels: the 3x3 (``grid`` x ``grid``) grid of ``cell`` px cells is
+    centred in the image (starting at ``origin``) and a tile is ``tile_frac`` of a cell."""
+    cell = size // grid
     tile = max(1, min(cell, int(cell * tile_frac)))
-    return (size - GRID * cell) // 2, cell, tile
+    return (size - grid * cell) // 2, cell, tile
 
 
 def tile_positions(b: int, size: int, tile_frac: float, jitter: float, generator: torch.Generator,
-                   device) -> tuple[torch.Tensor, int]:
-    """Top-left corners ``(B, 9, 2)`` (row, col; cells in raster order) of one tile per cell, and the
+                   device, grid: int = GRID) -> tuple[torch.Tensor, int]:
+    """Top-left corners ``(B, grid**2, 2)`` (row, col; cells in raster order) of one tile per cell, and the
     tile side. Inside its cell a tile starts at an offset drawn uniformly from ``[lo, slack - lo]``
     with ``slack = cell - tile`` and ``lo = round(slack * (1 - jitter) / 2)``: ``jitter = 1`` is a random
     crop anywhere in the cell, ``jitter = 0`` a centred tile; the gap between neighbouring tiles is
     ``slack`` on average."""
-    origin, cell, tile = tile_geometry(size, tile_frac)
+    origin, cell, tile = tile_geometry(size, tile_frac, grid)
     slack = cell - tile
     lo = int(round(slack * (1 - jitter) / 2))
-    offset = lo + _randint(slack - 2 * lo + 1, (b, TILES, 2), generator, device)
-    k = torch.arange(TILES, device=device)
-    corner = origin + cell * torch.stack([k // GRID, k % GRID], dim=1)  # (9, 2)
+    offset = lo + _randint(slack - 2 * lo + 1, (b, grid * grid, 2), generator, device)
+    k = torch.arange(grid * grid, device=device)
+    corner = origin + cell * torch.stack([k // grid, k % grid], dim=1)  # (9, 2)
     return corner + offset, tile
 
 
@@ -163,15 +169,16 @@ def make_puzzles(x: torch.Tensor, perms: torch.Tensor, tile_frac: float, jitter:
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Puzzles of a batch of images ``x`` ``(B, 3, S, S)`` in [0, 1]: the shuffled tiles ``(B, 9, 3, t, t)``
     (position ``j`` holds the tile of cell ``perms[y][j]``, greyed with probability ``gray_p`` per tile)
-    and the pseudo labels ``y`` ``(B,)``. Random draws, in order: tile positions, labels, grey masks."""
-    b, dev = x.shape[0], x.device
-    pos, tile = tile_positions(b, x.shape[-1], tile_frac, jitter, generator, dev)
+    and the pseudo labels ``y`` ``(B,)``. ``perms`` ``(N, K)`` of K = 4, 9, 16, ... tiles sets the grid.
+    Random draws, in order: tile positions, labels, grey masks."""
+    b, dev, k = x.shape[0], x.device, perms.shape[1]
+    pos, tile = tile_positions(b, x.shape[-1], tile_frac, jitter, generator, dev, _grid_of(k))
     tiles = crop_tiles(x, pos, tile)
     y = _randint(len(perms), (b,), generator, dev)
     order = perms.to(dev)[y]  # (B, 9)
     tiles = tiles[torch.arange(b, device=dev)[:, None], order]
     if gray_p > 0:
-        gray = torch.rand((b, TILES), generator=generator, device=generator.device).to(dev) < gray_p
+        gray = torch.rand((b, k), generator=generator, device=generator.device).to(dev) < gray_p
         flat = tiles.flatten(0, 1)
         tiles = grayscale(flat, gray.flatten(), out=torch.empty_like(flat)).view_as(tiles)
     return tiles, y
@@ -179,7 +186,7 @@ def make_puzzles(x: torch.Tensor, perms: torch.Tensor, tile_frac: float, jitter:
 
 def assemble(tiles: torch.Tensor, order: torch.Tensor | None = None, gap: int = 0,
              fill: float = 1.0) -> torch.Tensor:
-    """Lay the tiles ``(B, 9, C, t, t)`` out on the 3x3 grid: tile ``j`` goes to cell ``order[:, j]``
+    """Lay the tiles ``(B, 9, C, t, t)`` out on the 3x3 grid (K = g*g tiles: g x g): tile ``j`` goes to cell ``order[:, j]``
     (default: cell ``j``), with ``gap`` px of ``fill`` between tiles. ``assemble(puzzle, P[y])`` undoes
     the shuffle of :func:`make_puzzles`."""
     b, k, c, t, _ = tiles.shape
@@ -188,9 +195,17 @@ def assemble(tiles: torch.Tensor, order: torch.Tensor | None = None, gap: int = 
         tiles = tiles[torch.arange(b, device=tiles.device)[:, None], inverse]
     if gap:
         tiles = F.pad(tiles.flatten(0, 1), (0, gap, 0, gap), value=fill).view(b, k, c, t + gap, t + gap)
-    s = tiles.shape[-1]
-    grid = tiles.view(b, GRID, GRID, c, s, s).permute(0, 3, 1, 4, 2, 5).reshape(b, c, GRID * s, GRID * s)
-    return grid[..., :GRID * s - gap, :GRID * s - gap]
+    s, g = tiles.shape[-1], _grid_of(k)
+    grid = tiles.view(b, g, g, c, s, s).permute(0, 3, 1, 4, 2, 5).reshape(b, c, g * s, g * s)
+    return grid[..., :g * s - gap, :g * s - gap]
+
+
+def _grid_of(k: int) -> int:
+    """The side of a square puzzle of ``k`` tiles."""
+    g = math.isqrt(k)
+    if g * g != k:
+        raise ValueError(f"{k} tiles are not a square grid")
+    return g
 
 
 def standardize_tiles(tiles: torch.Tensor) -> torch.Tensor:
@@ -241,18 +256,24 @@ class Jigsaw(Method):
         tile_fc_grid: int = 0  # fc6's input: 0, the pooled features (D); g, the last feature map pooled
         #                        to g x g (g*g*D; the paper's fc6 reads pool5, 2x2 for a 64 px tile)
         perm_seed: int = 0  # seed of the first permutation of the set (the rest is greedy)
+        grid: int = 3  # the puzzle's side in tiles: 3 (paper), 2: four tiles of 0.85 * S/2 px, N <= 24
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         hp = self.hp
         if not 0 < hp.tile_frac <= 1 or not 0 <= hp.jitter <= 1 or not 0 <= hp.gray_p <= 1:
             raise ConfigError("params.tile_frac must be in (0, 1], params.jitter and params.gray_p in [0, 1]")
-        if cfg.data.image_size < GRID:
-            raise ConfigError(f"jigsaw needs images of at least {GRID} px")
-        self.register_buffer("perms", permutation_set(hp.num_permutations, hp.perm_seed), persistent=False)
+        if hp.grid < 2:
+            raise ConfigError(f"params.grid must be at least 2, got {hp.grid}")
+        if cfg.data.image_size < hp.grid:
+            raise ConfigError(f"jigsaw needs images of at least {hp.grid} px")
+        self.views_per_image = hp.grid * hp.grid  # encoder inputs per source image
+        self.register_buffer("perms", permutation_set(hp.num_permutations, hp.perm_seed, hp.grid * hp.grid),
+                             persistent=False)
         self.tile_size = hp.tile_size or max(1, cfg.data.image_size // 2)
         self.tile_fc = tower_fc6(self.backbone, hp.tile_fc_dim, hp.tile_fc_grid, "tile")
-        self.head = MLP(TILES * (hp.tile_fc_dim or self.backbone.out_dim), hp.head_hidden_dim, hp.num_permutations)
+        self.head = MLP(self.views_per_image * (hp.tile_fc_dim or self.backbone.out_dim), hp.head_hidden_dim,
+                        hp.num_permutations)
 
     def _aug01(self):
         """The run's augmentation without its normalisation: views in [0, 1]."""
@@ -279,7 +300,7 @@ class Jigsaw(Method):
     def training_step(self, batch):
         x, y = batch
         f = self.tile_features(x)  # (9B, F): the siamese tower, shared weights
-        logits = self.head(f.reshape(-1, TILES * f.shape[1])).float()  # concat(f_0, ..., f_8) per image
+        logits = self.head(f.reshape(-1, self.views_per_image * f.shape[1])).float()  # concat(f_0, ..., f_8) per image
         loss = F.cross_entropy(logits, y)
         return {"loss": loss, "pretext_acc": (logits.argmax(1) == y).float().mean()}
 
