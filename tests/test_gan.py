@@ -131,6 +131,8 @@ class _FixedLogits(torch.nn.Module):
 @pytest.mark.parametrize("method", ["dcgan", "bigan"])
 def test_phase_losses_put_real_and_fake_labels_where_the_paper_does(method, colour_data):
     cfg = _cfg(method, colour_data / "train", 1)
+    if method == "bigan":
+        cfg.params["cycle"] = 0.0  # the paper's adversarial terms alone (the preset's cycle term: its own test)
     m = METHODS[method](cfg)
     x = torch.full((2, 3, 16, 16), 128, dtype=torch.uint8)
     batch = m.prepare(x, torch.Generator().manual_seed(0))
@@ -489,3 +491,39 @@ def test_bigan_map_head_encodes_the_last_feature_map_unpooled(colour_data):
     assert m.enc_head[0].in_features == last[0].numel()
     z = m.encode(torch.randn(8, 3, 16, 16))
     assert z.shape == (8, m.hp.z_dim) and torch.allclose(z.std(0, unbiased=False), torch.ones(m.hp.z_dim), atol=1e-2)
+
+
+def test_bigan_cycle_adds_alices_reconstruction_of_x_to_e_and_gs_loss(colour_data):
+    """``params.cycle`` (ALICE's explicit cycle consistency): the g phase's loss is the adversarial one plus
+    ``cycle`` times the mean squared error of G(E(x)) against x in [-1, 1], by hand; its gradient reaches
+    E (backbone and code map) and G, and D's phase is unchanged."""
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    losses = {}
+    for cycle in (0.0, 2.0):
+        cfg = _cfg("bigan", colour_data / "train", 1)
+        cfg.params.update(cycle=cycle, dropout=0.0)  # no dropout: the two runs' D outputs are the same
+        torch.manual_seed(0)
+        m = METHODS["bigan"](cfg)
+        batch = m.prepare(x, torch.Generator().manual_seed(0))
+        real = batch[0]
+        pixels = real.float() * torch.tensor(cfg.aug.std).view(1, 3, 1, 1) + torch.tensor(cfg.aug.mean).view(1, 3, 1, 1)
+        out = m.phase_step(batch, "g")
+        losses[cycle] = out["loss"]
+        if cycle:
+            expected = ((m.generator(m.encode(real)).float() - (pixels * 2 - 1)) ** 2).mean()
+            assert torch.allclose(out["cycle"], expected, atol=1e-6)
+            assert torch.allclose(out["loss"], losses[0.0] + cycle * expected, atol=1e-5)
+            m.zero_grad()
+            (cycle * out["cycle"]).backward()
+            assert m.backbone.stages[0][0].weight.grad.abs().sum() > 0
+            assert m.enc_head[0].weight.grad.abs().sum() > 0
+            assert next(m.generator.parameters()).grad.abs().sum() > 0
+            assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.disc.parameters())
+        else:
+            assert "cycle" not in out
+    # params.adversarial = 0: E and G's loss is the cycle term alone (an autoencoder, the control)
+    cfg.params.update(adversarial=0.0)
+    torch.manual_seed(0)
+    m = METHODS["bigan"](cfg)
+    out = m.phase_step(m.prepare(x, torch.Generator().manual_seed(0)), "g")
+    assert torch.allclose(out["loss"], cfg.params["cycle"] * out["cycle"], atol=1e-6)

@@ -320,10 +320,14 @@ class GeneratorPlayer:
         when ``aug`` holds parameters, else ``x``."""
         if not aug:
             return self.fmt(x)
+        u = diff_augment(self.pixels(x) * 2 - 1, aug)
+        return self.fmt(normalize((u + 1) / 2, self.cfg.aug.mean, self.cfg.aug.std))
+
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised images ``x`` back in [0, 1] (float32)."""
         mean = torch.tensor(self.cfg.aug.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.cfg.aug.std, device=x.device).view(1, -1, 1, 1)
-        u = diff_augment((x.float() * std + mean) * 2 - 1, aug)
-        return self.fmt(((u + 1) / 2 - mean) / std)
+        return x.float() * std + mean
 
 
 class DCGAN(GeneratorPlayer, Method):
