@@ -11,6 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .data.views import denormalize
+
 
 def to_display(images) -> np.ndarray:
     """``(N, H, W, 3)`` float in [0, 1] from a float ``(N, C, H, W)`` tensor in [0, 1] (C = 1 or 3) or a
@@ -76,9 +78,7 @@ def sample_batch(data, n: int, device, seed: int = 0) -> torch.Tensor:
 
 def unnormalize(x: torch.Tensor, aug) -> torch.Tensor:
     """A normalised view batch ``(N, 3, H, W)`` back to RGB in [0, 1] (``aug``: its AugConfig)."""
-    mean = torch.tensor(aug.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(aug.std, device=x.device).view(1, 3, 1, 1)
-    return (x.float() * std + mean).clamp(0, 1)
+    return denormalize(x, aug.mean, aug.std).clamp(0, 1)
 
 
 @torch.no_grad()

@@ -156,6 +156,13 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float], *, out: Te
     return torch.addcmul(-mean_t * inv_std, x, inv_std, out=out)
 
 
+def denormalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """The inverse of :func:`normalize`: ``x * std + mean`` per channel, in float32, not clamped."""
+    std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    return x.float() * std_t + mean_t
+
+
 # --------------------------------------------------------------------------- #
 # geometry
 # --------------------------------------------------------------------------- #

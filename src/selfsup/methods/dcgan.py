@@ -78,7 +78,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.views import augment, normalize
+from ..config import ConfigError
+from ..data.views import augment, denormalize, normalize
 from ..figures import image_grid, sample_images
 from ..heads import LinearClassifier
 from .base import Method, split_decay
@@ -325,9 +326,7 @@ class GeneratorPlayer:
 
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
         """The normalised images ``x`` back in [0, 1] (float32)."""
-        mean = torch.tensor(self.cfg.aug.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.cfg.aug.std, device=x.device).view(1, -1, 1, 1)
-        return x.float() * std + mean
+        return denormalize(x, self.cfg.aug.mean, self.cfg.aug.std)
 
 
 class DCGAN(GeneratorPlayer, Method):
@@ -359,8 +358,6 @@ class DCGAN(GeneratorPlayer, Method):
         self.generator = build_generator(self.hp.z_dim, cfg.data.image_size, self.hp.gen_width)
         diffaug_params(1, cfg.data.image_size, self.hp.diffaug, torch.Generator(), "cpu")  # checks the policy
         if self.hp.d_batch not in D_BATCH:
-            from ..config import ConfigError
-
             raise ConfigError(f"params.d_batch must be one of {', '.join(D_BATCH)}, not {self.hp.d_batch!r}")
 
     # -- pieces ----------------------------------------------------------------------------------
