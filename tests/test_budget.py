@@ -208,3 +208,28 @@ def test_a_recipe_runs_over_its_methods_preset_and_keeps_checkpoints_by_time(tin
     assert main(["pretrain", "--recipe", "fast_vicreg", "--method", "simclr", "--data", str(tiny_dataset / "train"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "drop --method" in capsys.readouterr().err
+
+
+def test_results_table_random_row_is_the_mean_of_its_initialisations(tiny_dataset, tmp_path):
+    """benchmarks/results_table.py: the random-init row is evaluated with ``--seed 0..N-1`` of ``selfsup
+    evaluate`` (N = ``--random-seeds``) and is their mean; each seed's figures are those of its own eval."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "results_table.py"
+    out = tmp_path / "table"
+    subprocess.run([sys.executable, str(script), "--data", str(tiny_dataset), "--out", str(out), "--methods",
+                    "rotation", "--epochs", "1", "--batch-size", "16", "--image-size", "16", "--k", "5",
+                    "--random-seeds", "2"], check=True, capture_output=True)
+    row = json.loads((out / "results.json").read_text())["random:convnet"]
+    for s, d in (("0", out / "random"), ("1", out / "random_s1")):
+        for p in ("knn", "linear"):
+            ev = json.loads((d / "eval" / f"{p}.json").read_text())
+            assert row["seeds"][s][p] == ev["top1"]
+    assert json.loads((out / "random_s1" / "eval" / "knn.json").read_text())["seed"] == 1
+    for p in ("knn", "linear"):
+        assert row[p] == pytest.approx((row["seeds"]["0"][p] + row["seeds"]["1"][p]) / 2)
+    table = (out / "results.md").read_text()
+    assert "random:convnet (mean of 2 initialisations: kNN" in table and "| rotation" in table

@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-precise-bn", action="store_true", help="frozen protocols: keep the checkpoint's BatchNorm "
                     "statistics (default: re-estimate them on the training images' evaluation views, no labels)")
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=0, help="seeds random:BACKBONE's initialisation, the images of "
+                    "precise BN, label subsets and held-out splits, and the probes' training (default 0)")
     ev.add_argument("--no-progress", action="store_true")
 
     de = sub.add_parser("demo", help="offline tour: pretrain rotation and SimCLR briefly, evaluate, print a table")

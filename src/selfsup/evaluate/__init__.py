@@ -207,7 +207,7 @@ def evaluate(run: str | Path, protocol: str, train: str | Path, test: str | Path
     result = {"protocol": protocol, "run": run, "train": train, "test": test, "test_split": test_split,
               "n_train": len(tr),
               "n_test": len(te), "num_classes": num_classes, "labels_per_class": labels_per_class,
-              "backbone": encoder.spec}
+              "backbone": encoder.spec, "seed": seed}
     if protocol not in FRACTION_PROTOCOLS:
         result["precise_bn"] = precise_bn(encoder, tr.images, device, seed=seed) if precise_bn_stats else 0
         if result["precise_bn"]:
