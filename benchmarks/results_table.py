@@ -11,7 +11,7 @@ run measures its own throughput and sizes itself to end within it: ``selfsup pre
 one after another in a fresh process (``selfsup pretrain``), then evaluated on the labeled
 train/test splits with ``selfsup evaluate --protocol knn`` and ``--protocol linear`` (both re-estimate
 the BatchNorm statistics on the training images first: precise BN, no labels). ``random:BACKBONE`` (no training) is the
-baseline row (one per backbone used). A method whose run and evaluations already exist in OUT is not
+baseline row (one per backbone used), the mean of ``--random-seeds`` initialisations (3 by default). A method whose run and evaluations already exist in OUT is not
 redone, so an interrupted table continues where it stopped (an interrupted pretraining is resumed).
 
 ``--set METHOD:key=value`` (repeatable) adds a config override for one method, e.g.
