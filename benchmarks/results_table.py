@@ -58,7 +58,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="labeled folder with train/ and test/ (pretraining uses train/)")
     ap.add_argument("--out", default="runs/table")
-    ap.add_argument("--methods", nargs="+", default=CLASSIC)
+    ap.add_argument("--methods", nargs="*", default=CLASSIC,
+                    help="methods to train (default: the classic ones); --methods with no names: only the random-init rows")
     ap.add_argument("--backbone", default="convnet")
     budget = ap.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int, help="epochs per method (default 1 unless --time)")

@@ -221,8 +221,7 @@ def test_results_table_random_row_is_the_mean_of_its_initialisations(tiny_datase
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "results_table.py"
     out = tmp_path / "table"
     subprocess.run([sys.executable, str(script), "--data", str(tiny_dataset), "--out", str(out), "--methods",
-                    "rotation", "--epochs", "1", "--batch-size", "16", "--image-size", "16", "--k", "5",
-                    "--random-seeds", "2"], check=True, capture_output=True)
+                    "--image-size", "16", "--k", "5", "--random-seeds", "2"], check=True, capture_output=True)
     row = json.loads((out / "results.json").read_text())["random:convnet"]
     for s, d in (("0", out / "random"), ("1", out / "random_s1")):
         for p in ("knn", "linear"):
@@ -232,4 +231,4 @@ def test_results_table_random_row_is_the_mean_of_its_initialisations(tiny_datase
     for p in ("knn", "linear"):
         assert row[p] == pytest.approx((row["seeds"]["0"][p] + row["seeds"]["1"][p]) / 2)
     table = (out / "results.md").read_text()
-    assert "random:convnet (mean of 2 initialisations: kNN" in table and "| rotation" in table
+    assert "random:convnet (mean of 2 initialisations: kNN" in table
