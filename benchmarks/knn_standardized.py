@@ -13,9 +13,9 @@ import argparse
 
 import torch
 
-from selfsup.data import load_images
 from selfsup.evaluate import knn_top1, load_encoder
 from selfsup.evaluate.features import extract_features, precise_bn
+from stage_knn import labeled_splits  # benchmarks/ is on the path when the script runs
 
 
 def main() -> None:
@@ -27,12 +27,7 @@ def main() -> None:
     splits = {}
     for run in args.runs:
         enc = load_encoder(run)
-        size = enc.spec["image_size"]
-        if size not in splits:
-            splits[size] = tuple(load_images(args.data, split=sp, image_size=size, progress=False)
-                                 for sp in ("train", "test"))
-        tr, te = splits[size]
-        ytr, yte = torch.from_numpy(tr.labels).long(), torch.from_numpy(te.labels).long()
+        tr, te, ytr, yte = labeled_splits(args.data, enc.spec["image_size"], splits)
         precise_bn(enc, tr.images, "cpu")
         a, b = extract_features(enc, tr.images, "cpu").float(), extract_features(enc, te.images, "cpu").float()
         mu, sd = a.mean(0), a.std(0)

@@ -11,8 +11,8 @@ run measures its own throughput and sizes itself to end within it: ``selfsup pre
 one after another in a fresh process (``selfsup pretrain``), then evaluated on the labeled
 train/test splits with ``selfsup evaluate --protocol knn`` and ``--protocol linear`` (both re-estimate
 the BatchNorm statistics on the training images first: precise BN, no labels). ``random:BACKBONE`` (no training) is the
-baseline row (one per backbone used), the mean of ``--random-seeds`` initialisations (3 by default). A method whose run and evaluations already exist in OUT is not
-redone, so an interrupted table continues where it stopped (an interrupted pretraining is resumed).
+baseline row (one per backbone used), the mean of ``--random-seeds`` initialisations (3 by default).
+A method whose run and evaluations already exist in OUT is not redone, so an interrupted table continues where it stopped (an interrupted pretraining is resumed).
 
 ``--set METHOD:key=value`` (repeatable) adds a config override for one method, e.g.
 ``--set mae:model.backbone=vit_tiny`` (MAE needs a ViT; the table then also gets a ``random:vit_tiny``
@@ -108,34 +108,35 @@ def main() -> None:
             return out / ("random" if name == f"random:{args.backbone}" else "random-" + name.split(":", 1)[1])
         return out / name
 
+    n_random = max(1, args.random_seeds)
+
     def random_row(name: str) -> dict:
         """The random-init baseline: each of ``--random-seeds`` initialisations evaluated (kNN, linear), and
         their mean; seed 0 in the row's own directory, seed s in ``<dir>_s<s>``."""
-        entry = results.get(name, {})
+        entry = results.setdefault(name, {})
         seeds = entry.setdefault("seeds", {})
         if "0" not in seeds and "knn" in entry and "linear" in entry:  # a table written before seeds were kept
             seeds["0"] = {"knn": entry["knn"], "linear": entry["linear"]}
-        for s in range(max(1, args.random_seeds)):
-            d = run_dir_of(name) if s == 0 else run_dir_of(name).with_name(f"{run_dir_of(name).name}_s{s}")
+        base = run_dir_of(name)
+        for s in range(n_random):
+            d = base if s == 0 else base.with_name(f"{base.name}_s{s}")
             got = seeds.setdefault(str(s), {})
             for protocol in ("knn", "linear"):
-                if protocol in got:
-                    continue
                 done = d / "eval" / f"{protocol}.json"
-                if not done.exists():
-                    run(exe + ["evaluate", name, "--protocol", protocol, "--train", args.data, "--test", args.data,
-                               "--k", str(args.k), "--no-progress", "--seed", str(s), "--out", str(d / "eval"),
-                               "--image-size", str(args.image_size)])
-                got[protocol] = json.loads(done.read_text())["top1"]
-            results[name] = entry
-            results_path.write_text(json.dumps(results, indent=1))
-        used = [seeds[str(s)] for s in range(max(1, args.random_seeds))]
+                if protocol not in got:
+                    if not done.exists():
+                        run(exe + ["evaluate", name, "--protocol", protocol, "--train", args.data, "--test", args.data,
+                                   "--k", str(args.k), "--no-progress", "--seed", str(s), "--out", str(d / "eval"),
+                                   "--image-size", str(args.image_size)])
+                    got[protocol] = json.loads(done.read_text())["top1"]
+            results_path.write_text(json.dumps(results, indent=1))  # an interrupted table keeps the seeds done
+        used = [seeds[str(s)] for s in range(n_random)]
         entry.update({p: sum(u[p] for u in used) / len(used) for p in ("knn", "linear")})
         return entry
 
     for name in rows:
         if name.startswith("random:"):
-            results[name] = random_row(name)
+            random_row(name)
             results_path.write_text(json.dumps(results, indent=1))
             continue
         run_dir = run_dir_of(name)
@@ -176,7 +177,7 @@ def main() -> None:
         label = name if backbone_of.get(name, args.backbone) == args.backbone else f"{name} ({backbone_of[name]})"
         if base and not name.startswith("random:") and (e["knn"] <= base["knn"] or e["linear"] <= base["linear"]):
             mark = " (not above random init)"
-        used = [e["seeds"][str(s)] for s in range(args.random_seeds)] if name.startswith("random:") else []
+        used = [e["seeds"][str(s)] for s in range(n_random)] if name.startswith("random:") else []
         if len(used) > 1:
             knn, lin = (" / ".join(f"{u[p]:.3f}" for u in used) for p in ("knn", "linear"))
             mark = f" (mean of {len(used)} initialisations: kNN {knn}, linear {lin})"

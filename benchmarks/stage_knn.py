@@ -25,6 +25,15 @@ from selfsup.evaluate import extract_stage_features, knn_top1, load_encoder
 from selfsup.evaluate.features import extract_features, precise_bn
 
 
+def labeled_splits(data: str, size: int, cache: dict) -> tuple:
+    """``(train, test, train labels, test labels)`` of the labeled folder ``data`` at ``size`` px, loaded once
+    per size (``cache``) for the runs of one script."""
+    if size not in cache:
+        tr, te = (load_images(data, split=sp, image_size=size, progress=False) for sp in ("train", "test"))
+        cache[size] = tr, te, torch.from_numpy(tr.labels).long(), torch.from_numpy(te.labels).long()
+    return cache[size]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="labeled folder with train/ and test/")
@@ -40,12 +49,7 @@ def main() -> None:
             model = safe_torch_load(Path(run) / "checkpoints" / "last.pt")["model"]
             enc.backbone.load_state_dict({k[len("teacher_backbone."):]: v for k, v in model.items()
                                           if k.startswith("teacher_backbone.")})
-        size = enc.spec["image_size"]
-        if size not in splits:
-            splits[size] = tuple(load_images(args.data, split=sp, image_size=size, progress=False)
-                                 for sp in ("train", "test"))
-        tr, te = splits[size]
-        ytr, yte = torch.from_numpy(tr.labels).long(), torch.from_numpy(te.labels).long()
+        tr, te, ytr, yte = labeled_splits(args.data, enc.spec["image_size"], splits)
         precise_bn(enc, tr.images, "cpu")
         row = {"pooled": knn_top1(extract_features(enc, tr.images, "cpu"), ytr,
                                   extract_features(enc, te.images, "cpu"), yte, tr.num_classes, 200, 0.1)}
