@@ -232,3 +232,37 @@ def test_results_table_random_row_is_the_mean_of_its_initialisations(tiny_datase
         assert row[p] == pytest.approx((row["seeds"]["0"][p] + row["seeds"]["1"][p]) / 2)
     table = (out / "results.md").read_text()
     assert "random:convnet (mean of 2 initialisations: kNN" in table
+
+
+def test_one_machine_table_completes_a_run_with_the_earlier_rows_of_that_machine(tmp_path):
+    """benchmarks/one_machine_table.py: the table's own rows are kept, the methods it lacks come from the
+    committed fp32 results (means of three seeds, SwAV's preset), each row says its source, and a row counts as
+    above random init only when both probes are above the random row's mean, "level" when not above every
+    initialisation."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    seeds = {"0": {"knn": 0.42, "linear": 0.44}, "1": {"knn": 0.40, "linear": 0.42}}
+    rows = {"random:convnet": {"knn": 0.41, "linear": 0.43, "seeds": seeds},
+            "byol": {"knn": 0.43, "linear": 0.45, "steps": 300},  # above every initialisation
+            "dino": {"knn": 0.415, "linear": 0.45, "steps": 200},  # above the mean only: level
+            "simsiam": {"knn": 0.40, "linear": 0.50, "steps": 300}}  # below on kNN
+    (tmp_path / "t.json").write_text(json.dumps({"settings": {}, "rows": rows}))
+    subprocess.run([sys.executable, str(root / "benchmarks" / "one_machine_table.py"), "--table", str(tmp_path / "t"),
+                    "--out", str(tmp_path / "all")], check=True, capture_output=True)
+    got = json.loads((tmp_path / "all.json").read_text())
+    earlier = json.loads((root / "benchmarks" / "results" / "budget_5m.json").read_text())["rows"]
+    swav = json.loads((root / "benchmarks" / "results" / "swav_5m_fp32.json").read_text())["rows"][0]
+    assert got["rows"]["jigsaw"]["knn"] == earlier["jigsaw"]["knn"] and "fp32" in earlier["jigsaw"]["machine"]
+    assert got["rows"]["swav"]["knn"] == swav["knn"] and not swav["overrides"]
+    assert "simclr" not in got["rows"]  # measured on the faster machine only: not taken
+    assert got["rows"]["byol"]["source"] == "t.json" and got["rows"]["byol"]["knn"] == 0.43
+    md = (tmp_path / "all.md").read_text()
+    assert "| byol | 0.430 |" in md and "| dino (level: above the mean" in md
+    assert "| simsiam (not above random init) |" in md and "| swav (not above random init) |" in md
+    # above the mean on both: byol, dino, and the earlier rows whose both probes beat 0.41 / 0.43
+    above = [n for n, r in got["rows"].items() if n != "random:convnet" and r["knn"] > 0.41 and r["linear"] > 0.43]
+    assert got["summary"].startswith(f"{len(above)} of {len(got['rows']) - 1} rows above random init (0.410 / 0.430)")
