@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 BACKBONES = ("resnet18", "resnet50", "convnet", "airbench", "vit_tiny", "vit_small", "vit_micro")
 VITS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),  # width, depth, heads (DeiT / DINO sizes)
@@ -61,6 +60,8 @@ class ResNet(Backbone):
 
     def __init__(self, name: str, small_stem: bool, in_chans: int = 3) -> None:
         super().__init__()
+        import torchvision  # here, not at the top: torchvision.models costs 2 s to import (torch._dynamo)
+
         net = getattr(torchvision.models, name)(weights=None)
         if small_stem:
             net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -199,6 +200,8 @@ class ViT(Backbone):
         self.patch_size = vit_patch_size(image_size)
         if image_size % self.patch_size:
             raise ValueError(f"{name}: image_size {image_size} is not a multiple of the patch size {self.patch_size}")
+        import torchvision
+
         vit = torchvision.models.VisionTransformer(image_size, self.patch_size, depth, heads, dim, 4 * dim)
         if in_chans != 3:
             vit.conv_proj = nn.Conv2d(in_chans, dim, kernel_size=self.patch_size, stride=self.patch_size)
@@ -524,6 +527,8 @@ def cached_torchvision_weights(name: str):
     (saying where the file is expected) otherwise."""
     import os
 
+    import torchvision
+
     try:
         weights = torchvision.models.get_model_weights(name).DEFAULT
     except (ValueError, KeyError) as e:
@@ -568,6 +573,8 @@ class TorchvisionBackbone(_ZooBackbone):
         super().__init__()
         if in_chans != 3:
             raise ValueError(f"torchvision:{name} takes RGB input (3 channels), not {in_chans}")
+        import torchvision
+
         if name not in torchvision.models.list_models(module=torchvision.models):
             raise ValueError(f"unknown torchvision classification model '{name}'; see "
                              f"torchvision.models.list_models(module=torchvision.models)")

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from .backbones import build_backbone
 from .checkpoint import CheckpointError, safe_torch_load
@@ -80,6 +79,8 @@ def export(run: str | Path, fmt: str = "safetensors", out: str | Path | None = N
 
 
 def _torchvision_resnet(spec: dict) -> nn.Module:
+    import torchvision  # here: torchvision.models costs 2 s to import
+
     net = getattr(torchvision.models, spec["name"])(weights=None)
     c = spec.get("in_chans", 3)
     if spec["small_stem"]:

@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torchvision.models.vision_transformer import EncoderBlock
 
 from ..backbones import VITS
 from ..config import ConfigError
@@ -129,6 +128,8 @@ class MAEDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         pos = torch.cat([torch.zeros(1, dim), sincos_pos_embed(dim, grid, grid)])
         self.register_buffer("pos", pos.unsqueeze(0), persistent=False)  # fixed: not in checkpoints
+        from torchvision.models.vision_transformer import EncoderBlock  # here: torchvision.models costs 2 s to import
+
         self.blocks = nn.Sequential(*[EncoderBlock(heads, dim, 4 * dim, 0.0, 0.0) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, patch_dim)
