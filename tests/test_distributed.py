@@ -26,11 +26,16 @@ def _torchrun(nproc: int, args: list[str], tmp_path: Path, timeout: int = 300) -
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
-    out = {}
-    for nproc in (1, 2):
-        _torchrun(nproc, [str(HERE / "helpers" / "dist_worker.py"), str(tmp / f"w{nproc}.pt")], tmp)
-        out[nproc] = torch.load(tmp / f"w{nproc}.pt", weights_only=True)
-    return out
+    # the reference, one process with the whole batch, runs here (no process group: 1 s, not a torchrun
+    # launch of 8 s); the two processes under torchrun
+    sys.path.insert(0, str(HERE / "helpers"))
+    try:
+        import dist_worker
+    finally:
+        sys.path.pop(0)
+    dist_worker.main(str(tmp / "w1.pt"))
+    _torchrun(2, [str(HERE / "helpers" / "dist_worker.py"), str(tmp / "w2.pt")], tmp)
+    return {n: torch.load(tmp / f"w{n}.pt", weights_only=True) for n in (1, 2)}
 
 
 def test_gather_with_gradients_sums_gradients_over_processes(worker_results):
