@@ -9,7 +9,8 @@ Earlier rows: the methods of ``budget_5m.json`` whose ``machine`` says fp32 (the
 that were run there on 2026-12-03/04 (``patches``, ``emp_ssl``), and SwAV's preset from
 ``swav_5m_fp32.json``. A row is "above" random init when both its kNN and linear probe are above the
 random-init row's (the mean of its initialisations), and "level" when it is not above the best of them
-on both.
+on both. A method of the table with more seeds in ``seeds_5m_fp32.json`` (runs of the same command with
+``train.seed=S``) is shown as the mean of its seeds.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def main() -> None:
     args = ap.parse_args()
     table = json.loads(Path(args.table).with_suffix(".json").read_text())
     rows = {n: dict(r, source=f"{Path(args.table).name}.json") for n, r in table["rows"].items()}
+    more = json.loads((RESULTS / "seeds_5m_fp32.json").read_text())["rows"]
+    for name in set(rows) & set(more):
+        seeds = list(more[name]["seeds"].values())
+        mean = {p: sum(s[p] for s in seeds) / len(seeds) for p in ("knn", "linear")}
+        rows[name] = dict(rows[name], **mean, seeds=more[name]["seeds"],
+                          steps="/".join(str(s["steps"]) for s in seeds),
+                          source=f"{rows[name]['source']} and seeds_5m_fp32.json (mean of {len(seeds)} seeds)")
     for name, row in earlier_rows().items():
         rows.setdefault(name, row)
     base = rows["random:convnet"]

@@ -249,7 +249,8 @@ def test_one_machine_table_completes_a_run_with_the_earlier_rows_of_that_machine
     rows = {"random:convnet": {"knn": 0.41, "linear": 0.43, "seeds": seeds},
             "byol": {"knn": 0.43, "linear": 0.45, "steps": 300},  # above every initialisation
             "dino": {"knn": 0.415, "linear": 0.45, "steps": 200},  # above the mean only: level
-            "simsiam": {"knn": 0.40, "linear": 0.50, "steps": 300}}  # below on kNN
+            "simsiam": {"knn": 0.40, "linear": 0.50, "steps": 300},  # below on kNN
+            "simclr_v2": {"knn": 0.30, "linear": 0.30, "steps": 300}}  # more seeds in seeds_5m_fp32.json
     (tmp_path / "t.json").write_text(json.dumps({"settings": {}, "rows": rows}))
     subprocess.run([sys.executable, str(root / "benchmarks" / "one_machine_table.py"), "--table", str(tmp_path / "t"),
                     "--out", str(tmp_path / "all")], check=True, capture_output=True)
@@ -259,6 +260,11 @@ def test_one_machine_table_completes_a_run_with_the_earlier_rows_of_that_machine
     assert got["rows"]["jigsaw"]["knn"] == earlier["jigsaw"]["knn"] and "fp32" in earlier["jigsaw"]["machine"]
     assert got["rows"]["swav"]["knn"] == swav["knn"] and not swav["overrides"]
     assert "simclr" not in got["rows"]  # measured on the faster machine only: not taken
+    # a method with more seeds: the mean of the committed seeds file's values replaces the table's own
+    more = json.loads((root / "benchmarks" / "results" / "seeds_5m_fp32.json").read_text())["rows"]["simclr_v2"]
+    knns = [s["knn"] for s in more["seeds"].values()]
+    assert len(knns) == 3 and got["rows"]["simclr_v2"]["knn"] == pytest.approx(sum(knns) / 3)
+    assert "mean of 3 seeds" in got["rows"]["simclr_v2"]["source"]
     assert got["rows"]["byol"]["source"] == "t.json" and got["rows"]["byol"]["knn"] == 0.43
     md = (tmp_path / "all.md").read_text()
     assert "| byol | 0.430 |" in md and "| dino (level: above the mean" in md
