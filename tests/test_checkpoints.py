@@ -61,6 +61,10 @@ def test_the_previous_checkpoint_is_kept_and_keep_every(tiny_dataset, tmp_path, 
     names = sorted(p.name for p in (tmp_path / "kept" / "checkpoints").iterdir())
     assert names == ["last.pt", "previous.pt", "step_4.pt", "step_8.pt"]
     assert load_checkpoint(tmp_path / "kept" / "checkpoints" / "step_4.pt")["step"] == 4
+    _train(tiny_dataset / "train", tmp_path / "kept3", keep_every=3)  # not a multiple of ckpt_every (2)
+    names = sorted(p.name for p in (tmp_path / "kept3" / "checkpoints").iterdir())
+    assert names == ["last.pt", "previous.pt", "step_3.pt", "step_6.pt"]
+    assert load_checkpoint(tmp_path / "kept3" / "checkpoints" / "step_3.pt")["step"] == 3
 
 
 def test_resume_from_a_damaged_last_checkpoint_continues_from_the_previous_one(tiny_dataset, run, capsys, caplog):

@@ -80,7 +80,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where native, fp16 + scaler on older GPUs, else fp32) | bf16 | fp16 | fp32
     channels_last: bool = True
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
-    keep_every: int = 0  # also keep every N-th step's checkpoint as checkpoints/step_<N>.pt (0: only last + previous)
+    keep_every: int = 0  # also write and keep every N-th step's checkpoint as checkpoints/step_<N>.pt (0: only last + previous)
     keep_seconds: list[float] = field(default_factory=list)  # also keep checkpoints/at_<S>s.pt at the first step
     #                            ending S seconds after the session started (e.g. [300, 600, 1200]: a curve of one run)
     log_every: int = 20  # steps between rows of metrics.csv

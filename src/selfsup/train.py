@@ -336,6 +336,19 @@ class Trainer:
             except OSError:
                 atomic_torch_save(self.state(), kept)
 
+    @property
+    def save_every(self) -> int:
+        """Steps between checkpoints: ``train.ckpt_every``, or ``train.keep_every`` where it is shorter (a
+        step to keep is a step to save; the time budget's plan counts the cost of either)."""
+        keep = self.cfg.train.keep_every
+        return min(self.cfg.train.ckpt_every, keep) if keep else self.cfg.train.ckpt_every
+
+    def checkpoint_due(self, step: int) -> bool:
+        """A checkpoint is written after ``step``: every ``train.ckpt_every`` steps, every
+        ``train.keep_every`` steps (kept as ``step_<N>.pt``), and at the end of the run."""
+        keep = self.cfg.train.keep_every
+        return step % self.cfg.train.ckpt_every == 0 or bool(keep and step % keep == 0) or step == self.total_steps
+
     def _keep_at_seconds(self) -> None:
         """``train.keep_seconds``: the first step that ends S seconds (or more) after this session started
         is kept as ``checkpoints/at_<S>s.pt`` (once; a mark already on disk is not rewritten)."""
@@ -566,11 +579,11 @@ class Trainer:
                                 now - line_at >= cfg.train.log_seconds or self.step == self.total_steps):
                             self.progress_line(float(out["loss"]), (self.step - line_step) / max(now - line_at, 1e-9))
                             line_at, line_step = now, self.step
-                        if self.step % cfg.train.ckpt_every == 0 or self.step == self.total_steps:
+                        if self.checkpoint_due(self.step):
                             self.save()
                         self._keep_at_seconds()
                         if distributed.any_flag(self._stop_signal is not None, self.device):
-                            if self.step % cfg.train.ckpt_every != 0 and self.step != self.total_steps:
+                            if not self.checkpoint_due(self.step):
                                 self.save()
                             raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, self.step, self.ckpt_path)
                         if self.replan():
@@ -673,7 +686,7 @@ class Trainer:
         self.method.on_epoch_start(self.run_state(), epoch)  # cheap now: the epoch's work is in the restored state
         left = budget * (1 - PLAN_MARGIN) - (time.perf_counter() - self.started) - figures_s - save_s
         total = planned_steps(left, step_s, self.steps_per_epoch, self.step, epoch_work + health_s,
-                              save_s, self.cfg.train.ckpt_every)
+                              save_s, self.save_every)
         total = int(distributed.broadcast(torch.tensor([total], device=self.device)).item())
         self.set_length(total)
         self.cfg.train.total_steps = total
