@@ -15,7 +15,7 @@ from conftest import make_folder
 from selfsup.configure import build_config, load_config
 from selfsup.config import ConfigError
 from selfsup.methods.rotation import Rotation
-from selfsup.optim import lr_factor, warmup_steps_for
+from selfsup.optim import backbone_factor, lr_factor, warmup_steps_for
 from selfsup.train import NonFiniteLoss, load_checkpoint, pretrain
 from selfsup.run import read_metrics
 
@@ -250,6 +250,59 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(4, 80, 4) == pytest.approx(1.0) and lr_factor(42, 80, 4) == pytest.approx(0.5)
     assert lr_factor(80, 80, 4) == pytest.approx(0.0, abs=1e-9)
     assert warmup_steps_for(cfg.optim, 100, 80) == 8  # capped at 10% of the run
+
+
+def test_backbone_factor_holds_then_ramps_over_the_warmup():
+    assert [backbone_factor(s, 5, 2) for s in (0, 4, 5, 6, 19)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert backbone_factor(0, 0, 2) == 1.0 and backbone_factor(5, 5, 0) == 1.0  # nothing held: no ramp
+
+
+def test_freeze_backbone_frac_trains_the_heads_first_then_ramps_the_backbone_in(tiny_dataset, tmp_path):
+    """``optim.freeze_backbone_frac=0.25`` of a 20-step run: the backbone's weights stay as they were for
+    steps 0-4 while the head learns; from step 5 its rate is the run's times 1/2, then 1 (2 warm-up
+    steps); the head's rate is the run's throughout."""
+    from selfsup.train import Trainer
+
+    cfg = _cfg(tiny_dataset / "train", epochs=5, device="cpu", precision="fp32")
+    cfg.optim.freeze_backbone_frac, cfg.optim.warmup_epochs = 0.25, 0.5
+    t = Trainer(cfg, tmp_path / "run", progress=False)
+    assert (t.total_steps, t.steps_per_epoch, t.warmup_steps) == (20, 4, 2)
+    assert t.freeze_backbone_steps == 5  # 0.25 of 20 steps
+    cfg.optim.freeze_backbone_max_steps = 3
+    assert Trainer(cfg, tmp_path / "capped", progress=False).freeze_backbone_steps == 3  # capped in steps
+    cfg.optim.freeze_backbone_max_steps = 200
+    base = cfg.optim.lr * cfg.train.batch_size / 256
+    bb = [g for g in t.optimizer.param_groups if g.get("backbone")]
+    heads = [g for g in t.optimizer.param_groups if not g.get("backbone")]
+    assert {id(p) for g in bb for p in g["params"]} == {id(p) for p in t.method.backbone.parameters()}
+    for step, fb in ((2, 0.0), (5, 0.5), (6, 1.0), (12, 1.0)):
+        t.set_lr(step)
+        f = lr_factor(step, 20, 2)
+        assert all(g["lr"] == pytest.approx(base * f * fb) for g in bb)
+        assert all(g["lr"] == pytest.approx(base * f) for g in heads)
+
+    def params(module):
+        return [p.detach().clone() for p in module.parameters()]
+
+    start_bb, start_head = params(t.method.backbone), params(t.method.head)
+    after = {}
+    train_step = t.train_step
+
+    def recorded(images, step):
+        out = train_step(images, step)
+        after[step] = params(t.method.backbone), params(t.method.head)
+        return out
+
+    t.train_step = recorded
+    t.fit()
+    for step in range(5):
+        assert all(torch.equal(a, b) for a, b in zip(after[step][0], start_bb)), step
+    assert not all(torch.equal(a, b) for a, b in zip(after[0][1], start_head))  # the head learns from step 0
+    assert not all(torch.equal(a, b) for a, b in zip(after[5][0], start_bb))  # the backbone from step 5
+    with pytest.raises(ConfigError, match="freeze_backbone_frac"):
+        build_config("rotation", {"optim": {"freeze_backbone_frac": 1.0}})
+    with pytest.raises(ConfigError, match="freeze_backbone_max_steps"):
+        build_config("rotation", {"optim": {"freeze_backbone_max_steps": -1}})
 
 
 def test_undecodable_files_are_skipped_listed_and_the_run_goes_on(tiny_dataset, tmp_path):

@@ -57,7 +57,7 @@ from .data import CachedImages, auto_image_size, load_images, open_source
 from .methods import Method, get_method
 from .methods.base import RunState
 from .monitor import collapse_warning, embedding_health
-from .optim import build_optimizer, lr_factor, warmup_steps_for
+from .optim import backbone_factor, build_optimizer, lr_factor, warmup_steps_for
 from .runtime import autocast, embed, grad_scaler, resolve_device, resolve_precision, step_generator
 from .run import MetricsLog
 
@@ -398,21 +398,32 @@ class Trainer:
         return RunState(self.data.images, self.device, self.cfg.train.seed, self.step, self.total_steps,
                         self.optimizers[phases[0]] if phases else None)
 
+    @property
+    def freeze_backbone_steps(self) -> int:
+        """The first steps in which only the heads learn: ``optim.freeze_backbone_frac`` of the run, at most
+        ``optim.freeze_backbone_max_steps`` steps."""
+        o = self.cfg.optim
+        return min(round(o.freeze_backbone_frac * self.total_steps), o.freeze_backbone_max_steps)
+
     def set_lr(self, step: int) -> float:
         f = lr_factor(step, self.total_steps, self.warmup_steps, self.cfg.optim.min_lr_ratio)
+        fb = backbone_factor(step, self.freeze_backbone_steps, self.warmup_steps)
         for p, opt in self.optimizers.items():
             for g, base in zip(opt.param_groups, self.base_lrs[p]):
                 g["lr"] = base if g.get("fixed_lr") else base * f  # e.g. SimSiam's predictor (Sec. 4.4)
+                if g.get("backbone"):  # optim.freeze_backbone_frac: groups split by build_phase_optimizers
+                    g["lr"] *= fb
         return self.base_lrs[self.method.phases[0]][0] * f
 
     def train_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         self.method.train()
         batch = self.method.prepare(images, step_generator(self.device, self.cfg.train.seed, step, self.rank))
         phases = self.method.phases
+        hold = step < self.freeze_backbone_steps
         if len(phases) == 1:
             with autocast(self.device, self.precision):
                 out = self.method.training_step(batch)
-            self._backward_step(self.optimizer, out["loss"])
+            self._backward_step(self.optimizer, out["loss"], hold)
             if self.scaler is not None:
                 self.scaler.update()
             self.method.after_step(step, self.total_steps)
@@ -422,7 +433,7 @@ class Trainer:
             opt = self.optimizers[phase]
             with autocast(self.device, self.precision):
                 out = self.method.phase_step(batch, phase)
-            self._backward_step(opt, out["loss"])
+            self._backward_step(opt, out["loss"], hold)
             for k, v in out.items():
                 logged[f"loss_{phase}" if k == "loss" else k] = v.detach()
         if self.scaler is not None:
@@ -431,19 +442,28 @@ class Trainer:
         self.method.after_step(step, self.total_steps)
         return {"loss": logged.pop("loss"), **logged}
 
-    def _backward_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    def _backward_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, hold_backbone: bool = False) -> None:
         """Gradients of ``loss`` (scaled in fp16, where the scaler also skips a step whose gradients
-        overflowed), averaged over processes, then ``opt``'s step."""
+        overflowed), averaged over processes, then ``opt``'s step. ``hold_backbone``: the backbone's
+        gradients are dropped, so that the step leaves it as it is (``optim.freeze_backbone_frac``)."""
         opt.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
+            if hold_backbone:
+                self._drop_backbone_grads()
             self._sync(opt)
             if self._finite_gradients(opt):
                 opt.step()
             return
         self.scaler.scale(loss).backward()
+        if hold_backbone:
+            self._drop_backbone_grads()
         self._sync(opt)
         self.scaler.step(opt)
+
+    def _drop_backbone_grads(self) -> None:
+        for p in self.method.backbone.parameters():
+            p.grad = None
 
     def _finite_gradients(self, opt: torch.optim.Optimizer) -> bool:
         """False (the step is skipped, its gradients dropped, a warning logged) when a gradient of
@@ -609,6 +629,10 @@ class Trainer:
     def run_step(self, images: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
         """One optimizer step of the loop at ``self.step`` (the step counter is the caller's)."""
         self.lr = self.set_lr(self.step)
+        if self.is_main and self.step == self.freeze_backbone_steps > 0:
+            log.info("step %d: the backbone starts to learn (optim.freeze_backbone_frac=%g: the heads alone until "
+                     "now; its rate ramps up over %d steps)", self.step, self.cfg.optim.freeze_backbone_frac,
+                     self.warmup_steps)
         self.method.batch_indices = torch.from_numpy(self.stream.indices)
         out = self.train_step(images, self.step)
         loss = float(out["loss"])
@@ -780,6 +804,11 @@ def build_phase_optimizers(method: Method, cfg: Config) -> dict[str, torch.optim
     of a single-phase method need no tag). Groups may override ``lr`` (given per 256 images, like
     ``optim.lr``), ``betas``, ``weight_decay``."""
     groups = method.param_groups()
+    if cfg.optim.freeze_backbone_frac > 0:  # the backbone's share of each group gets its own rate (set_lr)
+        mine = {id(p) for p in method.backbone.parameters()}
+        groups = [part for g in groups for part in (
+            {**g, "params": [p for p in g["params"] if id(p) not in mine]},
+            {**g, "params": [p for p in g["params"] if id(p) in mine], "backbone": True}) if part["params"]]
     phases = method.phases
     out = {}
     for phase in phases:
