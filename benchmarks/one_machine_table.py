@@ -10,7 +10,8 @@ that were run there on 2026-12-03/04 (``patches``, ``emp_ssl``), and SwAV's pres
 ``swav_5m_fp32.json``. A row is "above" random init when both its kNN and linear probe are above the
 random-init row's (the mean of its initialisations), and "level" when it is not above the best of them
 on both. A method of the table with more seeds in ``seeds_5m_fp32.json`` (runs of the same command with
-``train.seed=S``) is shown as the mean of its seeds.
+``train.seed=S``) is shown as the mean of its seeds. A preset changed since its row was measured, and
+measured again as it is now on the same kind of machine (``presets_5m_fp32.json``), replaces its row.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def earlier_rows() -> dict[str, dict]:
     return rows
 
 
+def mean_of(seeds: dict[str, dict]) -> dict:
+    """kNN and linear means of a row's seeds, and their steps joined by /."""
+    vals = list(seeds.values())
+    mean = {p: sum(s[p] for s in vals) / len(vals) for p in ("knn", "linear")}
+    return dict(mean, seeds=seeds, steps="/".join(str(s["steps"]) for s in vals))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", required=True, help="PREFIX of a results_table.py --results run on the machine")
@@ -50,13 +58,15 @@ def main() -> None:
     rows = {n: dict(r, source=f"{Path(args.table).name}.json") for n, r in table["rows"].items()}
     more = json.loads((RESULTS / "seeds_5m_fp32.json").read_text())["rows"]
     for name in set(rows) & set(more):
-        seeds = list(more[name]["seeds"].values())
-        mean = {p: sum(s[p] for s in seeds) / len(seeds) for p in ("knn", "linear")}
-        rows[name] = dict(rows[name], **mean, seeds=more[name]["seeds"],
-                          steps="/".join(str(s["steps"]) for s in seeds),
-                          source=f"{rows[name]['source']} and seeds_5m_fp32.json (mean of {len(seeds)} seeds)")
+        rows[name] = dict(rows[name], **mean_of(more[name]["seeds"]),
+                          source=f"{rows[name]['source']} and seeds_5m_fp32.json (mean of {len(more[name]['seeds'])} seeds)")
     for name, row in earlier_rows().items():
         rows.setdefault(name, row)
+    now = json.loads((RESULTS / "presets_5m_fp32.json").read_text())["rows"]
+    for name, row in now.items():  # the preset as it is now, measured after the table
+        n = len(row["seeds"])
+        rows[name] = dict(row, **mean_of(row["seeds"]), source=f"presets_5m_fp32.json ({row['date']}: {row['change']}"
+                          + (f"; mean of {n} seeds)" if n > 1 else ")"))
     base = rows["random:convnet"]
     names = ["random:convnet"] + [m for m in ORDER if m in rows]
     lines = ["| method | kNN top-1 (k=200) | linear top-1 | steps | source |", "|---|---|---|---|---|"]

@@ -236,9 +236,9 @@ def test_results_table_random_row_is_the_mean_of_its_initialisations(tiny_datase
 
 def test_one_machine_table_completes_a_run_with_the_earlier_rows_of_that_machine(tmp_path):
     """benchmarks/one_machine_table.py: the table's own rows are kept, the methods it lacks come from the
-    committed fp32 results (means of three seeds, SwAV's preset), each row says its source, and a row counts as
-    above random init only when both probes are above the random row's mean, "level" when not above every
-    initialisation."""
+    committed fp32 results (means of three seeds), a preset measured again since (presets_5m_fp32.json)
+    replaces its row, each row says its source, and a row counts as above random init only when both probes
+    are above the random row's mean, "level" when not above every initialisation."""
     import json
     import subprocess
     import sys
@@ -247,28 +247,34 @@ def test_one_machine_table_completes_a_run_with_the_earlier_rows_of_that_machine
     root = Path(__file__).resolve().parents[1]
     seeds = {"0": {"knn": 0.42, "linear": 0.44}, "1": {"knn": 0.40, "linear": 0.42}}
     rows = {"random:convnet": {"knn": 0.41, "linear": 0.43, "seeds": seeds},
-            "byol": {"knn": 0.43, "linear": 0.45, "steps": 300},  # above every initialisation
-            "dino": {"knn": 0.415, "linear": 0.45, "steps": 200},  # above the mean only: level
-            "simsiam": {"knn": 0.40, "linear": 0.50, "steps": 300},  # below on kNN
+            "moco_v2": {"knn": 0.43, "linear": 0.45, "steps": 300},  # above every initialisation
+            "moco_v3": {"knn": 0.415, "linear": 0.45, "steps": 200},  # above the mean only: level
+            "barlow_twins": {"knn": 0.40, "linear": 0.50, "steps": 300},  # below on kNN
+            "byol": {"knn": 0.10, "linear": 0.10, "steps": 300},  # measured again since: presets_5m_fp32.json
             "simclr_v2": {"knn": 0.30, "linear": 0.30, "steps": 300}}  # more seeds in seeds_5m_fp32.json
     (tmp_path / "t.json").write_text(json.dumps({"settings": {}, "rows": rows}))
     subprocess.run([sys.executable, str(root / "benchmarks" / "one_machine_table.py"), "--table", str(tmp_path / "t"),
                     "--out", str(tmp_path / "all")], check=True, capture_output=True)
     got = json.loads((tmp_path / "all.json").read_text())
-    earlier = json.loads((root / "benchmarks" / "results" / "budget_5m.json").read_text())["rows"]
-    swav = json.loads((root / "benchmarks" / "results" / "swav_5m_fp32.json").read_text())["rows"][0]
+    results = root / "benchmarks" / "results"
+    earlier = json.loads((results / "budget_5m.json").read_text())["rows"]
     assert got["rows"]["jigsaw"]["knn"] == earlier["jigsaw"]["knn"] and "fp32" in earlier["jigsaw"]["machine"]
-    assert got["rows"]["swav"]["knn"] == swav["knn"] and not swav["overrides"]
     assert "simclr" not in got["rows"]  # measured on the faster machine only: not taken
     # a method with more seeds: the mean of the committed seeds file's values replaces the table's own
-    more = json.loads((root / "benchmarks" / "results" / "seeds_5m_fp32.json").read_text())["rows"]["simclr_v2"]
+    more = json.loads((results / "seeds_5m_fp32.json").read_text())["rows"]["simclr_v2"]
     knns = [s["knn"] for s in more["seeds"].values()]
     assert len(knns) == 3 and got["rows"]["simclr_v2"]["knn"] == pytest.approx(sum(knns) / 3)
     assert "mean of 3 seeds" in got["rows"]["simclr_v2"]["source"]
-    assert got["rows"]["byol"]["source"] == "t.json" and got["rows"]["byol"]["knn"] == 0.43
+    # presets measured again as they are now replace the table's rows and the earlier ones (SwAV's)
+    now = json.loads((results / "presets_5m_fp32.json").read_text())["rows"]
+    for name in ("byol", "swav"):
+        vals = [s["knn"] for s in now[name]["seeds"].values()]
+        assert got["rows"][name]["knn"] == pytest.approx(sum(vals) / len(vals))
+        assert got["rows"][name]["source"].startswith("presets_5m_fp32.json (2026-12-07: optim.freeze_backbone_frac=")
+    assert got["rows"]["moco_v2"]["source"] == "t.json" and got["rows"]["moco_v2"]["knn"] == 0.43
     md = (tmp_path / "all.md").read_text()
-    assert "| byol | 0.430 |" in md and "| dino (level: above the mean" in md
-    assert "| simsiam (not above random init) |" in md and "| swav (not above random init) |" in md
-    # above the mean on both: byol, dino, and the earlier rows whose both probes beat 0.41 / 0.43
+    assert "| moco_v2 | 0.430 |" in md and "| moco_v3 (level: above the mean" in md
+    assert "| barlow_twins (not above random init) |" in md
+    # above the mean on both: moco_v2, moco_v3, and the other rows whose both probes beat 0.41 / 0.43
     above = [n for n, r in got["rows"].items() if n != "random:convnet" and r["knn"] > 0.41 and r["linear"] > 0.43]
     assert got["summary"].startswith(f"{len(above)} of {len(got['rows']) - 1} rows above random init (0.410 / 0.430)")
