@@ -25,14 +25,14 @@ from selfsup.configure import config_from_dict
 from selfsup.evaluate import knn_top1, load_encoder
 from selfsup.evaluate.features import extract_features, precise_bn
 from selfsup.methods import get_method
+from stage_knn import labeled_splits  # benchmarks/stage_knn.py, beside this script
 
 
-def checkpoints(run: Path) -> list[tuple[int, Path]]:
-    """``(step, file)`` of the kept checkpoints and ``last.pt``, by step."""
+def checkpoints(run: Path, last_step: int) -> list[tuple[int, Path]]:
+    """``(step, file)`` of the kept checkpoints and ``last.pt`` (at ``last_step``), by step."""
     kept = [(int(m.group(1)), p) for p in (run / "checkpoints").glob("step_*.pt")
             if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))]
-    last = run / "checkpoints" / "last.pt"
-    kept.append((int(load_checkpoint(last)["step"]), last))
+    kept.append((last_step, run / "checkpoints" / "last.pt"))
     return sorted(dict(kept).items())
 
 
@@ -50,17 +50,14 @@ def main() -> None:
     ap.add_argument("--results", metavar="PREFIX", help="write PREFIX.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    from selfsup.data import load_images
-
-    out, splits = {}, {}
+    out, splits = {}, {}  # the labeled splits, loaded once per image size
     for run in args.runs:
-        ckpts = checkpoints(run)
+        last = load_checkpoint(run / "checkpoints" / "last.pt")
+        ckpts = checkpoints(run, int(last["step"]))
         enc = load_encoder(ckpts[-1][1])
         size = enc.spec["image_size"]
-        if size not in splits:
-            tr, te = (load_images(args.data, split=s, image_size=size, progress=False) for s in ("train", "test"))
-            splits[size] = tr, te, torch.from_numpy(tr.labels).long(), torch.from_numpy(te.labels).long()
-        cfg = config_from_dict(load_checkpoint(ckpts[-1][1])["config"])
+        labeled_splits(args.data, size, splits)
+        cfg = config_from_dict(last["config"])
         torch.manual_seed(cfg.train.seed)  # the trainer's initial weights
         prefix = enc.spec.get("weights", "backbone") + "."
         init = {k[len(prefix):]: v for k, v in get_method(cfg.method)(cfg).state_dict().items() if k.startswith(prefix)}
