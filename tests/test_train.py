@@ -1,5 +1,6 @@
 """The training loop: checkpoints, exact resume after SIGKILL, SIGTERM, NaN, metrics, config."""
 
+import copy
 import os
 import signal
 import subprocess
@@ -303,6 +304,34 @@ def test_freeze_backbone_frac_trains_the_heads_first_then_ramps_the_backbone_in(
         build_config("rotation", {"optim": {"freeze_backbone_frac": 1.0}})
     with pytest.raises(ConfigError, match="freeze_backbone_max_steps"):
         build_config("rotation", {"optim": {"freeze_backbone_max_steps": -1}})
+
+
+def test_a_replan_that_lengthens_the_run_does_not_hold_a_backbone_that_already_learns(tiny_dataset, tmp_path):
+    """A time-budget run re-measures its pace and grows from 20 to about 56 steps at step 8, after its backbone
+    started to learn at step 5 (0.25 of 20): 0.25 of 56 would hold it again until step 14 (seen in a
+    5-minute SimSiam run); it keeps 5, recorded in config.yaml as the cap so a resumed run holds the same.
+    Before the backbone starts, a replan moves the hold with the run's length."""
+    from selfsup.train import Trainer
+
+    cfg = _cfg(tiny_dataset / "train", epochs=5, device="cpu", precision="fp32")
+    cfg.optim.freeze_backbone_frac = 0.25
+
+    def replanned(name: str, step: int) -> Trainer:
+        t = Trainer(copy.deepcopy(cfg), tmp_path / name, progress=False)
+        assert (t.total_steps, t.freeze_backbone_steps) == (20, 5)
+        now = time.perf_counter()
+        t.step, t.budget, t.started = step, 100.0, now - 50.0  # half the budget used, 1 s per step so far
+        t._replan = {"marks": [0.3], "step": 0, "t0": now - step * 1.0, "end_s": 0.0}
+        assert t.replan()
+        return t
+
+    t = replanned("started", 8)
+    assert t.total_steps > 50 and round(0.25 * t.total_steps) > 10  # about 8 + (98 - 50) / 1 s
+    assert t.freeze_backbone_steps == 5 and t.cfg.optim.freeze_backbone_max_steps == 5
+    assert load_config(tmp_path / "started" / "config.yaml").optim.freeze_backbone_max_steps == 5
+    t = replanned("held", 3)
+    assert t.total_steps > 45 and t.freeze_backbone_steps == round(0.25 * t.total_steps) > 10
+    assert t.cfg.optim.freeze_backbone_max_steps == 200
 
 
 def test_undecodable_files_are_skipped_listed_and_the_run_goes_on(tiny_dataset, tmp_path):

@@ -758,8 +758,13 @@ class Trainer:
             log.info("time budget %s: at %.0f%% of it, %.0f ms per step measured since the plan -> %d steps "
                      "instead of %d", format_duration(self.budget), 100 * used / self.budget, 1000 * pace, total,
                      self.total_steps)
+        held = self.freeze_backbone_steps
         self.set_length(total)
         self.cfg.train.total_steps = total
+        if 0 < held < self.step and self.freeze_backbone_steps > held:
+            # optim.freeze_backbone_frac: the backbone already learns; a longer run must not hold it again.
+            # Recorded as the cap, so that a resumed run holds the same steps.
+            self.cfg.optim.freeze_backbone_max_steps = held
         if self.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
         return True
