@@ -12,6 +12,8 @@ random-init row's (the mean of its initialisations), and "level" when it is not 
 on both. A method of the table with more seeds in ``seeds_5m_fp32.json`` (runs of the same command with
 ``train.seed=S``) is shown as the mean of its seeds. A preset changed since its row was measured, and
 measured again as it is now on the same kind of machine (``presets_5m_fp32.json``), replaces its row.
+MAE needs a ViT: its row (``mae_5m_fp32.json``, vit_tiny) is judged against its own ``random:vit_tiny`` row,
+shown just above it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def earlier_rows() -> dict[str, dict]:
     swav = json.loads((RESULTS / "swav_5m_fp32.json").read_text())
     preset = next(r for r in swav["rows"] if not r["overrides"])
     rows["swav"] = dict(preset, source=f"swav_5m_fp32.json (the preset, {swav['settings']['date']})")
+    mae = RESULTS / "mae_5m_fp32.json"
+    if mae.exists():  # a ViT: its own random-init row, one initialisation
+        got = json.loads(mae.read_text())["rows"]
+        rows["random:vit_tiny"] = dict(got["random:vit_tiny"], source="mae_5m_fp32.json (one initialisation)")
+        rows["mae"] = dict(got["mae"], source="mae_5m_fp32.json (vit_tiny, against random:vit_tiny)",
+                           baseline="random:vit_tiny")
     return rows
 
 
@@ -68,22 +76,31 @@ def main() -> None:
         rows[name] = dict(row, **mean_of(row["seeds"]), source=f"presets_5m_fp32.json ({row['date']}: {row['change']}"
                           + (f"; mean of {n} seeds)" if n > 1 else ")"))
     base = rows["random:convnet"]
-    names = ["random:convnet"] + [m for m in ORDER if m in rows]
+    names = ["random:convnet"] + [n for m in ORDER if m in rows
+                                  for n in ([rows[m]["baseline"]] if "baseline" in rows[m] else []) + [m]]
+
+    def best_of(b: dict) -> dict:  # the best initialisation of a random-init row
+        seeds = b.get("seeds") or {"0": b}
+        return {p: max(s[p] for s in seeds.values()) for p in ("knn", "linear")}
+
     lines = ["| method | kNN top-1 (k=200) | linear top-1 | steps | source |", "|---|---|---|---|---|"]
-    best = {p: max(s[p] for s in base["seeds"].values()) for p in ("knn", "linear")}  # the best initialisation
+    best = best_of(base)
     above, clear = [], []
     for name in names:
         r = rows[name]
         mark = ""
-        if name != "random:convnet":
-            ok = r["knn"] > base["knn"] and r["linear"] > base["linear"]
+        if not name.startswith("random:"):
+            b = rows[r.get("baseline", "random:convnet")]
+            ok = r["knn"] > b["knn"] and r["linear"] > b["linear"]
             above += [name] if ok else []
-            clear += [name] if r["knn"] > best["knn"] and r["linear"] > best["linear"] else []
+            clear += [name] if all(r[p] > best_of(b)[p] for p in ("knn", "linear")) else []
             mark = "" if name in clear else " (level: above the mean, not every initialisation)" if ok else \
                 " (not above random init)"
         lines.append(f"| {name}{mark} | {r['knn']:.3f} | {r['linear']:.3f} | {r.get('steps', '-')} | {r['source']} |")
-    trained = [n for n in names if n != "random:convnet"]
-    summary = (f"{len(above)} of {len(trained)} rows above random init ({base['knn']:.3f} / {base['linear']:.3f}) "
+    trained = [n for n in names if not n.startswith("random:")]
+    own = "".join(f", {n} against {b} ({rows[b]['knn']:.3f} / {rows[b]['linear']:.3f})"
+                  for n in trained if (b := rows[n].get("baseline")))
+    summary = (f"{len(above)} of {len(trained)} rows above random init ({base['knn']:.3f} / {base['linear']:.3f}{own}) "
                f"on both kNN and linear; not above: {', '.join(n for n in trained if n not in above) or 'none'}; "
                f"{len(clear)} also above every initialisation ({best['knn']:.3f} / {best['linear']:.3f}); "
                f"missing: {', '.join(m for m in ORDER if m not in rows) or 'none'}.")
