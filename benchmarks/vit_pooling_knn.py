@@ -14,24 +14,19 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from selfsup.evaluate import knn_top1, load_encoder
+from selfsup.evaluate import balanced_subset, knn_top1, load_encoder
 from selfsup.evaluate.features import extract_features
 from stage_knn import labeled_splits  # benchmarks/stage_knn.py, beside this script
-
-
-def subset(n: int, total: int) -> np.ndarray:
-    return np.sort(np.random.default_rng(0).permutation(total)[:n]) if n < total else np.arange(total)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="labeled folder with train/ and test/")
     ap.add_argument("runs", nargs="+", help="run directories or random:BACKBONE (a ViT)")
-    ap.add_argument("--train-images", type=int, default=10000)
-    ap.add_argument("--test-images", type=int, default=2000)
+    ap.add_argument("--train-images", type=int, default=10000, help="class-balanced subset (seed 0)")
+    ap.add_argument("--test-images", type=int, default=2000, help="class-balanced subset (seed 0)")
     ap.add_argument("--results", metavar="PREFIX", help="write PREFIX.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -42,7 +37,8 @@ def main() -> None:
         if not hasattr(bb, "forward_tokens"):
             raise SystemExit(f"{run}: not a ViT backbone")
         tr, te, ytr, yte = labeled_splits(args.data, enc.spec["image_size"], splits)
-        itr, ite = subset(args.train_images, len(ytr)), subset(args.test_images, len(yte))
+        per_class = (args.train_images // tr.num_classes, args.test_images // tr.num_classes)
+        itr, ite = (balanced_subset(y.numpy(), n) for y, n in zip((ytr, yte), per_class))  # the same for every run
 
         def both(x: torch.Tensor) -> torch.Tensor:  # [class token, mean patch token]
             t = bb.forward_tokens(x)
